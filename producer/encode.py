@@ -1,0 +1,209 @@
+"""Turn buffered rows into Kafka message values (pure: no Kafka, no threads).
+
+A row is the tuple ``publish()`` appends, in the order of ``Row``'s fields. Rows of
+one (model, version) become one ``PredictionBatch`` envelope (columns as
+little-endian numpy arrays), or one framed ``PredictionEvent`` each.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+from fastavro import schemaless_writer
+
+from schemas.wire import (
+    CLASS_DTYPE,
+    EVENT_ID_OFFSET_DTYPE,
+    EVENT_TIME_DTYPE,
+    FLOAT_DTYPE,
+    NO_CLASS,
+    OUTCOME_DTYPE,
+    OUTCOMES,
+    SchemaId,
+    frame,
+    parsed_schema,
+)
+
+__all__ = ["Row", "encode_batch", "encode_event", "encode_heartbeat", "is_regression"]
+
+_NAN = math.nan
+
+
+class Row(NamedTuple):
+    """One buffered prediction (positional, so ``publish()`` can build a plain tuple)."""
+
+    model: str
+    version: str
+    time: float | datetime  # seconds since the epoch, or an aware datetime
+    latency_seconds: float
+    outcome: int  # index into OUTCOMES
+    prediction: Any  # str/int class label, float value, or None
+    score: float | None
+    label: Any
+    segment: str | None
+    features: Mapping[str, float] | None
+    event_id: str
+
+
+def is_regression(value: Any) -> bool:
+    """A float (not bool/int) prediction or label means a regression model."""
+    return isinstance(value, float | np.floating)
+
+
+def _time_ms(times: Sequence[Any]) -> np.ndarray:
+    try:
+        seconds = np.asarray(times, dtype=np.float64)
+    except TypeError:  # some rows carry datetimes
+        seconds = np.array(
+            [t.timestamp() if isinstance(t, datetime) else float(t) for t in times],
+            dtype=np.float64,
+        )
+    return np.floor(seconds * 1000.0).astype(EVENT_TIME_DTYPE)
+
+
+def _values(items: Sequence[Any]) -> np.ndarray:
+    # numpy reads None as NaN for a float dtype, all in C.
+    return np.array(items, dtype=FLOAT_DTYPE)
+
+
+def _codes(items: Sequence[Any], dictionary: list[str]) -> np.ndarray:
+    """Dictionary-encode labels (None -> NO_CLASS) without a per-item Python loop."""
+    index: dict[Any, int] = {}
+    for value in set(items):  # distinct labels only: a handful per batch
+        if value is None:
+            index[None] = NO_CLASS
+            continue
+        text = str(value)
+        if text not in dictionary:
+            dictionary.append(text)
+        index[value] = dictionary.index(text)
+    return np.fromiter(map(index.__getitem__, items), dtype=CLASS_DTYPE, count=len(items))
+
+
+def encode_batch(
+    rows: Sequence[Row],
+    *,
+    service: str = "",
+    instance: str = "",
+    schema_id: int = SchemaId.PREDICTION_BATCH,
+) -> bytes:
+    """Encode rows of one (model, version) as one framed ``PredictionBatch``."""
+    if not rows:
+        raise ValueError("no rows to encode")
+    model, version = rows[0][0], rows[0][1]
+    cols = list(zip(*rows, strict=True))
+    preds, labels = cols[5], cols[7]
+    regression = any(map(is_regression, set(preds))) or any(map(is_regression, set(labels)))
+    classes: list[str] = []
+    if regression:
+        pred_col, label_col = _values(preds), _values(labels)
+    else:
+        pred_col, label_col = _codes(preds, classes), _codes(labels, classes)
+
+    segments: list[str] = []
+    seg_col = b""
+    if set(cols[8]) != {None}:
+        seg_col = _codes(cols[8], segments).tobytes()
+
+    feature_names: list[str] = []
+    feat_col = b""
+    feats = cols[9]
+    if any(feats):
+        names: dict[str, int] = {}
+        for f in feats:
+            if f:
+                for name in f:
+                    names.setdefault(name, len(names))
+        feature_names = list(names)
+        matrix = np.full((len(rows), len(names)), _NAN, dtype=FLOAT_DTYPE)
+        for i, f in enumerate(feats):
+            if f:
+                for name, value in f.items():
+                    matrix[i, names[name]] = value
+        feat_col = matrix.tobytes()
+
+    id_offsets = id_data = b""
+    ids = cols[10]
+    if any(ids):
+        encoded = [i.encode() for i in ids]
+        offsets = np.zeros(len(rows) + 1, dtype=EVENT_ID_OFFSET_DTYPE)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        id_offsets, id_data = offsets.tobytes(), b"".join(encoded)
+
+    score = _values(cols[6])
+    record = {
+        "model": model,
+        "model_version": version,
+        "service": service,
+        "instance": instance,
+        "task": "regression" if regression else "classification",
+        "count": len(rows),
+        "event_time_ms": _time_ms(cols[2]).tobytes(),
+        "latency_seconds": np.asarray(cols[3], dtype=FLOAT_DTYPE).tobytes(),
+        "outcome": np.asarray(cols[4], dtype=OUTCOME_DTYPE).tobytes(),
+        "classes": classes,
+        "prediction": pred_col.tobytes(),
+        "label": label_col.tobytes(),
+        "score": score.tobytes(),
+        "segments": segments,
+        "segment": seg_col,
+        "feature_names": feature_names,
+        "features": feat_col,
+        "event_id_offsets": id_offsets,
+        "event_id_data": id_data,
+    }
+    out = io.BytesIO()
+    schemaless_writer(out, parsed_schema(SchemaId.PREDICTION_BATCH), record)
+    return frame(schema_id, out.getvalue())
+
+
+def _wire_value(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if is_regression(value):
+        return float(value)
+    return str(value)
+
+
+def encode_event(
+    row: Row,
+    *,
+    service: str = "",
+    instance: str = "",
+    schema_id: int = SchemaId.PREDICTION_EVENT,
+) -> bytes:
+    """Encode one row as a framed ``PredictionEvent`` (the interop format)."""
+    t = row[2]
+    seconds = t.timestamp() if isinstance(t, datetime) else float(t)
+    record = {
+        "event_id": row[10],
+        "event_time_ms": math.floor(seconds * 1000.0),
+        "model": row[0],
+        "model_version": row[1],
+        "latency_seconds": float(row[3]),
+        "outcome": OUTCOMES[row[4]],
+        "prediction": _wire_value(row[5]),
+        "score": None if row[6] is None else float(row[6]),
+        "label": _wire_value(row[7]),
+        "segment": row[8],
+        "features": dict(row[9]) if row[9] else {},
+        "service": service,
+        "instance": instance,
+    }
+    out = io.BytesIO()
+    schemaless_writer(out, parsed_schema(SchemaId.PREDICTION_EVENT), record)
+    return frame(schema_id, out.getvalue())
+
+
+def encode_heartbeat(
+    record: Mapping[str, Any], *, schema_id: int = SchemaId.RESOURCE_HEARTBEAT
+) -> bytes:
+    """Encode a ``ResourceHeartbeat`` record."""
+    out = io.BytesIO()
+    schemaless_writer(out, parsed_schema(SchemaId.RESOURCE_HEARTBEAT), dict(record))
+    return frame(schema_id, out.getvalue())
