@@ -59,14 +59,14 @@ class RowChunk:
     """Rows of one or more messages, in message order.
 
     ``mv`` indexes ``mv_keys`` ((model, version) pairs); ``regression[k]`` says whether
-    key k predicts values (``pred_value``/``label_value``) or classes
+    key k (None: unknown yet) predicts values (``pred_value``/``label_value``) or classes
     (``pred_code``/``label_code`` into ``classes``, -1 = none). Features are in long
     form: row ``feat_row``, name ``feature_names[feat_code]``, value ``feat_value``.
     ``offset`` is each row's Kafka offset.
     """
 
     mv_keys: list[tuple[str, str]]
-    regression: list[bool]
+    regression: list[bool | None]  # None: no prediction or label says which
     mv: np.ndarray
     offset: np.ndarray
     event_time_ms: np.ndarray
@@ -149,9 +149,10 @@ def decode_batch(record: dict[str, Any], offset: int) -> RowChunk:
     elif n and (int(segment.max()) >= len(segments) or int(segment.min()) < NO_CLASS):
         raise DecodeError("bad_column", "segment code outside dictionary")
     _column(record["event_id_offsets"], EVENT_ID_OFFSET_DTYPE, n + 1, "event_id", optional=True)
+    informative = regression or bool(n and (int(pred.max()) >= 0 or int(label.max()) >= 0))
     return RowChunk(
         mv_keys=[(record["model"], record["model_version"])],
-        regression=[regression],
+        regression=[regression if informative else None],
         mv=np.zeros(n, dtype=np.int32),
         offset=np.full(n, offset, dtype=np.int64),
         event_time_ms=_column(record["event_time_ms"], EVENT_TIME_DTYPE, n, "event_time_ms"),
@@ -181,7 +182,7 @@ class EventChunkBuilder:
 
     def __init__(self) -> None:
         self._keys: dict[tuple[str, str], int] = {}
-        self._regression: list[bool] = []
+        self._regression: list[bool | None] = []
         self._classes: dict[str, int] = {}
         self._segments: dict[str, int] = {}
         self._features: dict[str, int] = {}
@@ -196,10 +197,11 @@ class EventChunkBuilder:
         key = (r["model"], r["model_version"])
         mv = self._keys.get(key)
         pred, label = r["prediction"], r["label"]
-        is_value = pred.__class__ is float or label.__class__ is float
         if mv is None:
             mv = self._keys[key] = len(self._keys)
-            self._regression.append(is_value)
+            self._regression.append(None)
+        if self._regression[mv] is None and (pred is not None or label is not None):
+            self._regression[mv] = pred.__class__ is float or label.__class__ is float
         cols = self._cols
         row = len(cols[0])
         cols[0].append(mv)
@@ -223,7 +225,9 @@ class EventChunkBuilder:
             cols[7].append(NO_CLASS)
             cols[9].append(math.nan if label is None else label)
         seg = r["segment"]
-        cols[10].append(NO_CLASS if seg is None else self._segments.setdefault(seg, len(self._segments)))
+        cols[10].append(
+            NO_CLASS if seg is None else self._segments.setdefault(seg, len(self._segments))
+        )
         feats = r["features"]
         if feats:
             names = self._features

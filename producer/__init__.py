@@ -5,7 +5,7 @@
 ...     pub.publish("fraud", "v7", 0.004, prediction="fraud", score=0.97)
 """
 
-from producer.errors import InvalidEvent, PublishError, PublisherClosed
+from producer.errors import InvalidEvent, PublisherClosed, PublishError
 from producer.publisher import PredictionPublisher, PublisherStats, Tracker
 from producer.settings import PublisherSettings
 

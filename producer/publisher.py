@@ -121,8 +121,9 @@ class PredictionPublisher:
             return (int(ids[0]), int(ids[1]), int(ids[2]))
         registry = SchemaRegistry(s.schema_registry_url)
         batch, event, beat = (
-            registry.register(str(raw_schema(i)["namespace"]) + "." + raw_schema(i)["name"],
-                              raw_schema(i))
+            registry.register(
+                str(raw_schema(i)["namespace"]) + "." + raw_schema(i)["name"], raw_schema(i)
+            )
             for i in ids
         )
         return batch, event, beat
@@ -356,7 +357,9 @@ class PredictionPublisher:
                 counts = [len(rows)]
             else:
                 values = [
-                    encode_event(r, service=s.service, instance=s.instance, schema_id=self._event_id)
+                    encode_event(
+                        r, service=s.service, instance=s.instance, schema_id=self._event_id
+                    )
                     for r in rows
                 ]
                 counts = [1] * len(rows)

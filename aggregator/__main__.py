@@ -1,0 +1,95 @@
+"""``python -m aggregator`` / ``modelpulse-aggregator``: run one aggregator shard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from aggregator.errors import AggregatorError
+from aggregator.settings import AggregatorSettings
+
+__all__ = ["main", "parse_settings"]
+
+_EPILOG = """\
+Every flag can also be set in the environment as MODELPULSE_<FLAG> (upper case,
+dashes as underscores), e.g. MODELPULSE_BOOTSTRAP_SERVERS=kafka:9092; a flag wins
+over the environment. Durations take ms/s/m/h/d suffixes (500ms, 10s, 5m, 1h).
+
+Run one process per shard, each with its own --http-port; all shards with the same
+--group-id share the input topic's partitions. Prometheus scrapes every shard.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelpulse-aggregator",
+        description="Consume prediction events from Kafka and expose exact windowed "
+        "model-quality and latency metrics on /metrics for Prometheus.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, field in AggregatorSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default if field.default_factory is None else "(computed)"
+        if name == "sasl_password":
+            default = None
+        help_text = f"{field.description or ''} [env MODELPULSE_{name.upper()}; default {default}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif name == "kafka":
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=help_text)
+        else:
+            parser.add_argument(flag, default=None, metavar=name.upper(), help=help_text)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[AggregatorSettings, str]:
+    """Settings from the environment, overridden by flags; exits 2 naming a bad field."""
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    level = args.pop("log_level")
+    given: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
+    try:
+        return AggregatorSettings(**given), level
+    except ValidationError as exc:
+        lines = [
+            f"  --{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        parser.error("invalid configuration:\n" + "\n".join(lines))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, level = parse_settings(argv)
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from aggregator.shard import Shard  # noqa: PLC0415 - keep --help fast
+
+    shard = Shard(settings)
+
+    def _stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("modelpulse.aggregator").info("signal %d: stopping", signum)
+        shard.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        shard.run()
+    except AggregatorError as exc:
+        logging.getLogger("modelpulse.aggregator").error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
