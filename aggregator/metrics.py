@@ -274,7 +274,7 @@ def _window_rows(
 ) -> None:
     wl = _window_label(w.window_ms)
     m = len(mvl)
-    if not m:
+    if not m or w.end_ms <= 0:  # no pane closed yet: no window to report
         return
     seconds = w.window_ms / 1000.0
     total = w.outcome[:m].sum(axis=-1)

@@ -1,0 +1,274 @@
+"""Window aggregates -> model-quality numbers (pure numpy, no I/O).
+
+Every function takes additive aggregates (confusion counts, error sums, bucket
+counts) and is vectorised over any leading "series" axes, e.g. ``[models, windows]``.
+An undefined value (a zero denominator) is NaN, so the exporter can leave that
+series out rather than publish a made-up 0 or 1. No numpy warning escapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "ClassificationMetrics",
+    "classification_metrics",
+    "histogram_quantiles",
+    "jensen_shannon_distance",
+    "population_stability_index",
+    "regression_metrics",
+]
+
+_F8 = NDArray[np.float64]
+
+
+class ClassificationMetrics(NamedTuple):
+    """Quality of one or more confusion matrices; leading axes are the series axes.
+
+    Per-class fields (last axis ``C``) are one-vs-rest and NaN where their
+    denominator is 0. Macro fields average over ``present`` classes only and are
+    NaN when no class is present.
+    """
+
+    accuracy: _F8
+    precision: _F8
+    recall: _F8
+    f1: _F8
+    false_positive_rate: _F8
+    false_negative_rate: _F8
+    present: NDArray[np.bool_]
+    macro_precision: _F8
+    macro_recall: _F8
+    macro_f1: _F8
+    macro_false_positive_rate: _F8
+    macro_false_negative_rate: _F8
+
+
+def _ratio(numerator: ArrayLike, denominator: ArrayLike) -> _F8:
+    """``numerator / denominator`` as float64, NaN where the denominator is 0."""
+    num = np.asarray(numerator, dtype=np.float64)
+    den = np.asarray(denominator, dtype=np.float64)
+    out = np.full(np.broadcast_shapes(num.shape, den.shape), np.nan)
+    # ``where=`` skips the zero denominators instead of computing and hiding 0/0.
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def classification_metrics(confusion: ArrayLike) -> ClassificationMetrics:
+    """Accuracy and one-vs-rest rates of ``confusion[..., actual, predicted]`` counts.
+
+    ``f1`` is ``2 TP / (2 TP + FP + FN)``, scikit-learn's formula, so a present
+    class that is never predicted has f1 0 although its precision is NaN.
+    ``macro_precision``, ``macro_recall`` and ``macro_f1`` equal scikit-learn's
+    ``average="macro"`` with the default ``zero_division``: the mean over the
+    present classes (those with a non-zero row or column), an undefined class
+    value counting as 0. ``macro_false_positive_rate`` and
+    ``macro_false_negative_rate`` instead skip undefined class values: the mean
+    over present classes where the rate is defined, NaN if there is none.
+
+    >>> m = classification_metrics([[3, 1], [0, 4]])
+    >>> float(m.accuracy), m.recall.tolist(), float(m.macro_f1)
+    (0.875, [0.75, 1.0], 0.873015873015873)
+    """
+    counts = np.asarray(confusion)
+    if counts.ndim < 2 or counts.shape[-1] != counts.shape[-2]:
+        raise ValueError(f"confusion must have shape [..., C, C], got {counts.shape}")
+    cm = counts.astype(np.float64)
+
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    actual = cm.sum(axis=-1)  # row sums: events whose actual class is c
+    predicted = cm.sum(axis=-2)  # column sums: events predicted as c
+    total = actual.sum(axis=-1)
+    fp = predicted - tp
+    fn = actual - tp
+    negatives = total[..., None] - actual  # FP + TN: events whose actual class is not c
+
+    precision = _ratio(tp, predicted)
+    recall = _ratio(tp, actual)
+    f1 = _ratio(2.0 * tp, 2.0 * tp + fp + fn)
+    fpr = _ratio(fp, negatives)
+    fnr = _ratio(fn, actual)
+    present = (actual > 0) | (predicted > 0)
+    n_present = present.sum(axis=-1)
+
+    def macro_zero(values: _F8) -> _F8:
+        # scikit-learn's default zero_division scores an undefined class as 0.
+        return _ratio(np.where(present & ~np.isnan(values), values, 0.0).sum(axis=-1), n_present)
+
+    def macro_skip(values: _F8) -> _F8:
+        defined = present & ~np.isnan(values)
+        return _ratio(np.where(defined, values, 0.0).sum(axis=-1), defined.sum(axis=-1))
+
+    return ClassificationMetrics(
+        accuracy=_ratio(tp.sum(axis=-1), total),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        false_positive_rate=fpr,
+        false_negative_rate=fnr,
+        present=present,
+        macro_precision=macro_zero(precision),
+        macro_recall=macro_zero(recall),
+        macro_f1=macro_zero(f1),
+        macro_false_positive_rate=macro_skip(fpr),
+        macro_false_negative_rate=macro_skip(fnr),
+    )
+
+
+def regression_metrics(
+    count: ArrayLike, abs_error_sum: ArrayLike, squared_error_sum: ArrayLike
+) -> tuple[_F8, _F8]:
+    """``(mae, rmse)`` from per-series counts and error sums; NaN where count is 0.
+
+    >>> mae, rmse = regression_metrics([4, 0], [6.0, 0.0], [16.0, 0.0])
+    >>> mae.tolist(), rmse.tolist()
+    ([1.5, nan], [2.0, nan])
+    """
+    mae = _ratio(abs_error_sum, count)
+    # sqrt(NaN) is NaN without a warning; only negative inputs would warn.
+    rmse = np.sqrt(_ratio(squared_error_sum, count))
+    return mae, rmse
+
+
+def histogram_quantiles(buckets: ArrayLike, upper_bounds: ArrayLike, quantiles: ArrayLike) -> _F8:
+    """Prometheus ``histogram_quantile`` of each series, shape ``[..., len(quantiles)]``.
+
+    ``buckets[..., B + 1]`` are non-negative, non-cumulative counts: bucket ``i``
+    holds values in ``(upper_bounds[i - 1], upper_bounds[i]]`` and the last
+    bucket is ``+Inf``. Follows ``bucketQuantile`` of Prometheus'
+    ``promql/quantile.go`` operation for operation: linear interpolation inside
+    the bucket holding rank ``q * count``; lower bound 0 for the first bucket if
+    its upper bound is positive, else that upper bound is returned; the highest
+    finite bound if the rank falls in the ``+Inf`` bucket; NaN for an empty
+    histogram, for ``B == 0`` and for a NaN quantile; ``-Inf`` for ``q < 0`` and
+    ``+Inf`` for ``q > 1``. Like Prometheus, ``q == 0`` with an empty first
+    bucket (of positive bound) is NaN (0/0).
+
+    >>> histogram_quantiles([1, 2, 1, 0], [1.0, 2.0, 4.0], [0.5, 0.9]).tolist()
+    [1.5, 3.2]
+    """
+    bounds = np.asarray(upper_bounds, dtype=np.float64)
+    if bounds.ndim != 1 or not np.all(np.isfinite(bounds)) or np.any(np.diff(bounds) <= 0):
+        raise ValueError("upper_bounds must be a 1-D array of finite, strictly increasing values")
+    qs = np.asarray(quantiles, dtype=np.float64)
+    if qs.ndim != 1:
+        raise ValueError(f"quantiles must be 1-D, got shape {qs.shape}")
+    counts = np.asarray(buckets)
+    n_finite = bounds.shape[0]
+    if counts.ndim < 1 or counts.shape[-1] != n_finite + 1:
+        raise ValueError(
+            f"buckets must have shape [..., {n_finite + 1}] (one per upper bound plus +Inf),"
+            f" got {counts.shape}"
+        )
+
+    cumulative = np.cumsum(counts, axis=-1).astype(np.float64)
+    series_shape = cumulative.shape[:-1]
+    observations = cumulative[..., -1]
+    finite_cumulative = cumulative[..., :-1]
+    out = np.empty((*series_shape, qs.shape[0]), dtype=np.float64)
+
+    for j, q in enumerate(qs.tolist()):
+        # Go's order of checks: the quantile first, then the buckets.
+        if math.isnan(q):
+            out[..., j] = np.nan
+            continue
+        if q < 0 or q > 1:
+            out[..., j] = math.copysign(math.inf, q)
+            continue
+        if n_finite == 0:
+            out[..., j] = np.nan
+            continue
+        rank = q * observations
+        # Index of the first finite bucket whose cumulative count reaches the
+        # rank (Go's sort.Search); n_finite means the +Inf bucket.
+        b = np.count_nonzero(finite_cumulative < rank[..., None], axis=-1)
+        in_finite = b < n_finite
+        bi = np.minimum(b, n_finite - 1)
+        has_prev = bi > 0
+        prev_i = np.maximum(bi - 1, 0)
+        bucket_end = bounds[bi]
+        bucket_start = np.where(has_prev, bounds[prev_i], 0.0)
+        cum_b = np.take_along_axis(finite_cumulative, bi[..., None], axis=-1)[..., 0]
+        cum_prev = np.where(
+            has_prev,
+            np.take_along_axis(finite_cumulative, prev_i[..., None], axis=-1)[..., 0],
+            0.0,
+        )
+        # Same operation order as Go, so results match it bit for bit; its 0/0
+        # (q == 0, empty first bucket) is NaN here too.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = bucket_start + (bucket_end - bucket_start) * (
+                (rank - cum_prev) / (cum_b - cum_prev)
+            )
+        value = np.where((bi == 0) & (bounds[0] <= 0), bounds[0], value)
+        value = np.where(in_finite, value, bounds[-1])
+        out[..., j] = np.where(observations == 0, np.nan, value)
+    return out
+
+
+def _distributions(reference: ArrayLike, current: ArrayLike) -> tuple[_F8, _F8, NDArray[np.bool_]]:
+    """Both histograms as proportions, and where either one is empty."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    if ref.ndim < 1 or ref.shape[-1] != cur.shape[-1]:
+        raise ValueError(
+            f"reference and current must have the same number of bins, got {ref.shape}"
+            f" and {cur.shape}"
+        )
+    ref_total = ref.sum(axis=-1, keepdims=True)
+    cur_total = cur.sum(axis=-1, keepdims=True)
+    empty = (ref_total[..., 0] == 0) | (cur_total[..., 0] == 0)
+    return _ratio(ref, ref_total), _ratio(cur, cur_total), empty
+
+
+def population_stability_index(
+    reference: ArrayLike, current: ArrayLike, epsilon: float = 1e-6
+) -> _F8:
+    """PSI ``sum((c - r) * ln(c / r))`` of two count histograms ``[..., K]``.
+
+    Proportions below ``epsilon`` are raised to ``epsilon`` (not renormalised), so
+    a bin empty on one side adds a large finite term instead of ``inf``; bins
+    above ``epsilon`` on both sides are exact. NaN where either histogram is empty.
+
+    >>> round(float(population_stability_index([50, 50], [25, 75])), 6)  # ln(3) / 4
+    0.274653
+    """
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    ref, cur, empty = _distributions(reference, current)
+    ref = np.maximum(ref, epsilon)
+    cur = np.maximum(cur, epsilon)
+    # Empty histograms gave NaN proportions; silence their NaN arithmetic.
+    with np.errstate(invalid="ignore"):
+        psi = ((cur - ref) * np.log(cur / ref)).sum(axis=-1)
+    return np.where(empty, np.nan, psi)
+
+
+def jensen_shannon_distance(reference: ArrayLike, current: ArrayLike) -> _F8:
+    """Jensen-Shannon distance (base 2, in [0, 1]) of two count histograms ``[..., K]``.
+
+    The square root of the JS divergence, as ``scipy.spatial.distance.jensenshannon(
+    reference, current, base=2)`` computes it, clipped to [0, 1] against rounding.
+    NaN where either histogram is empty.
+
+    >>> float(jensen_shannon_distance([1, 0], [0, 1]))
+    1.0
+    """
+    ref, cur, empty = _distributions(reference, current)
+    mid = (ref + cur) / 2.0
+
+    def rel_entr(p: _F8) -> _F8:
+        # p * ln(p / m) with 0 * ln(0 / m) = 0; m >= p / 2 > 0 wherever p > 0, and
+        # the ratio 1 elsewhere keeps 0/0 out of the computation.
+        ratio = np.ones_like(p)
+        np.divide(p, mid, out=ratio, where=p > 0)
+        return p * np.log(ratio)
+
+    divergence = (rel_entr(ref).sum(axis=-1) + rel_entr(cur).sum(axis=-1)) / math.log(2.0)
+    # Rounding can push the divergence a hair outside [0, 2]; NaN (empty) passes through.
+    distance = np.sqrt(np.clip(divergence / 2.0, 0.0, 1.0))
+    return np.where(empty, np.nan, distance)
