@@ -201,22 +201,44 @@ class Shard:
 
     # -- rebalance ---------------------------------------------------------------------
 
+    def _read_snapshot(self, reader: Consumer, p: int) -> bytes | None:
+        """The latest snapshot record of partition ``p`` (the last record of its state
+        partition, since only p's owner writes there), or None if there is none."""
+        tp = TopicPartition(self.settings.state_topic, p)
+        low, high = reader.get_watermark_offsets(tp, timeout=10)
+        if high <= low:
+            return None
+        reader.assign([TopicPartition(self.settings.state_topic, p, high - 1)])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            msg = reader.poll(1.0)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                raise KafkaException(err)
+            return msg.value()
+        raise AggregatorError(f"timed out reading the snapshot of partition {p}")
+
     def _restore(self, partitions: list[int]) -> dict[int, PartitionState]:
         s = self.settings
         restored: dict[int, PartitionState] = {}
         reader = Consumer(self._restore_conf, logger=log)
         try:
             for p in partitions:
-                tp = TopicPartition(s.state_topic, p)
-                low, high = reader.get_watermark_offsets(tp, timeout=10)
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        value = self._read_snapshot(reader, p)
+                        break
+                    except KafkaException as exc:
+                        # A topic just created, a leader moving: retriable for a while.
+                        if time.monotonic() > deadline:
+                            raise AggregatorError(f"partition {p}: snapshot unreadable: {exc}") from exc
+                        log.info("partition %d: snapshot not readable yet (%s), retrying", p, exc)
+                        time.sleep(0.5)
                 state: PartitionState | None = None
-                if high > low:
-                    reader.assign([TopicPartition(s.state_topic, p, high - 1)])
-                    msg = reader.poll(15.0)
-                    if msg is None or msg.error():
-                        raise AggregatorError(f"could not read the snapshot of partition {p}")
-                    value = msg.value()
-                    assert value is not None
+                if value is not None:
                     try:
                         state = PartitionState.from_bytes(value, self.config)
                     except ConfigMismatch:

@@ -695,8 +695,8 @@ class PartitionState:
         if meta["config"] != config.digest():
             raise ConfigMismatch(
                 f"partition {meta['partition']}: snapshot made with config {meta['config']}, "
-                f"running {config.digest()}; restart with --rebuild-state to rebuild from the "
-                "committed offsets (windows restart empty)"
+                f"running {config.digest()}; restart with --rebuild-state to rebuild it from the "
+                "start of the log (what retention has deleted is lost)"
             )
         state = cls(config, int(meta["partition"]))
         state.catalog = Catalog.from_json(config.limits, meta["catalog"])
