@@ -200,10 +200,10 @@ def build_families(
         add("modelpulse_model_versions", p, float(len(v.entries)))
 
     if health is not None:
-        for part, lag in sorted(health.lag.items()):
-            add("modelpulse_consumer_lag", (str(part),), float(lag))
-        for part, age in sorted(health.snapshot_age_seconds.items()):
-            add("modelpulse_snapshot_age_seconds", (str(part),), age)
+        for pid, lag in sorted(health.lag.items()):
+            add("modelpulse_consumer_lag", (str(pid),), float(lag))
+        for pid, age in sorted(health.snapshot_age_seconds.items()):
+            add("modelpulse_snapshot_age_seconds", (str(pid),), age)
         add("modelpulse_batch_seconds", (), health.batch_seconds_sum)
         add("modelpulse_batches", (), float(health.batches))
         add("modelpulse_messages", (), float(health.messages))

@@ -108,7 +108,9 @@ class Shard:
         self._renderer = _Renderer(self)
         self._snapshotted: dict[int, tuple[int, float]] = {}  # partition -> (version, time)
         self._advanced: dict[int, tuple[int, float]] = {}  # partition -> (max event, when)
-        self._rendered_versions: tuple[int, ...] = ()
+        self._rendered_versions: tuple[tuple[int, int], ...] = ()
+        self._fatal: Exception | None = None
+        self._force_render = True
         self._last_render = 0.0
         self._last_snapshot = time.monotonic()
         self._delivery_errors = 0
@@ -190,8 +192,15 @@ class Shard:
                     if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
                     log.debug("topic %s created concurrently", name)
-        md = self._admin.list_topics(s.state_topic, timeout=10)
-        have = len(md.topics[s.state_topic].partitions)
+        have = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # a topic just created shows up in steps
+            md = self._admin.list_topics(s.state_topic, timeout=10)
+            found = md.topics.get(s.state_topic)
+            have = len(found.partitions) if found is not None and found.error is None else 0
+            if have == partitions:
+                break
+            time.sleep(0.2)
         if have != partitions:
             raise AggregatorError(
                 f"state topic {s.state_topic!r} has {have} partitions but input topic "
@@ -217,7 +226,8 @@ class Shard:
             err = msg.error()
             if err is not None:
                 raise KafkaException(err)
-            return msg.value()
+            value: bytes | None = msg.value()
+            return value
         raise AggregatorError(f"timed out reading the snapshot of partition {p}")
 
     def _restore(self, partitions: list[int]) -> dict[int, PartitionState]:
@@ -234,7 +244,9 @@ class Shard:
                     except KafkaException as exc:
                         # A topic just created, a leader moving: retriable for a while.
                         if time.monotonic() > deadline:
-                            raise AggregatorError(f"partition {p}: snapshot unreadable: {exc}") from exc
+                            raise AggregatorError(
+                                f"partition {p}: snapshot unreadable: {exc}"
+                            ) from exc
                         log.info("partition %d: snapshot not readable yet (%s), retrying", p, exc)
                         time.sleep(0.5)
                 state: PartitionState | None = None
@@ -485,8 +497,6 @@ class Shard:
     def run(self, on_loop: Callable[[Shard], Any] | None = None) -> None:
         """Consume until ``stop()``; raises if a partition could not be restored."""
         s = self.settings
-        self._fatal: Exception | None = None
-        self._force_render = True
         self.ensure_topics()
         self.server.start()
         self._renderer.start()

@@ -178,7 +178,8 @@ def _names(table: dict[str, int], size: int) -> list[str]:
 
 def _drift_bin(values: np.ndarray) -> np.ndarray:
     x = (np.arcsinh(values) + _DRIFT_RANGE) * (DRIFT_BINS / (2 * _DRIFT_RANGE))
-    return np.clip(x, 0, DRIFT_BINS - 1).astype(np.int64)
+    bins: np.ndarray = np.clip(x, 0, DRIFT_BINS - 1).astype(np.int64)
+    return bins
 
 
 class PartitionState:
@@ -260,8 +261,8 @@ class PartitionState:
         r = self.config.ring
         for name in self._PANE_ARRAYS:
             tail = self._tails[name]
-            ring = np.zeros((r, cap, *tail), dtype=self._dtype(name))
-            cum = np.zeros((cap, *tail), dtype=self._dtype(name))
+            ring: np.ndarray = np.zeros((r, cap, *tail), dtype=self._dtype(name))
+            cum: np.ndarray = np.zeros((cap, *tail), dtype=self._dtype(name))
             if name in self.ring:
                 ring[:, : self._capacity] = self.ring[name]
                 cum[: self._capacity] = self.cum[name]
@@ -390,9 +391,9 @@ class PartitionState:
                 if isinstance(item, Heartbeat):
                     r = item.record
                     self.resources[f"{r['service']}\x00{r['instance']}"] = r
-                    t = int(r["event_time_ms"])
+                    t_ms = int(r["event_time_ms"])
                 else:
-                    t = item.event_time_ms
+                    t_ms = item.event_time_ms
                 # A row that only moves the watermark.
                 for key, value in (
                     ("mv", -1),
@@ -402,7 +403,7 @@ class PartitionState:
                     ("pv", np.nan),
                     ("lv", np.nan),
                     ("seg", -1),
-                    ("t", t),
+                    ("t", t_ms),
                     ("lat", 0.0),
                     ("out", 0),
                     ("score", np.nan),
@@ -600,7 +601,8 @@ class PartitionState:
         m = len(self.catalog)
 
         def total(name: str) -> np.ndarray:
-            return self.ring[name][sel, :m].sum(axis=0)
+            summed: np.ndarray = self.ring[name][sel, :m].sum(axis=0)
+            return summed
 
         return WindowAggregate(
             window_ms=window_ms,
@@ -681,7 +683,7 @@ class PartitionState:
         for name, arr in self.reference.items():
             arrays["ref." + name] = arr[:m]
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         head = json.dumps(meta).encode()
         return len(head).to_bytes(4, "big") + head + zlib.compress(buf.getvalue(), 1)
 
@@ -722,4 +724,5 @@ class PartitionState:
 
 def merge_counts(states: Iterable[PartitionState], name: str) -> np.ndarray:
     """Sum one cumulative array over states (tests and tools)."""
-    return np.sum([s.cum[name][: len(s.catalog)].sum(axis=0) for s in states], axis=0)
+    summed: np.ndarray = np.sum([s.cum[name][: len(s.catalog)].sum(axis=0) for s in states], axis=0)
+    return summed

@@ -103,7 +103,8 @@ class PredictionPublisher:
         self._last_warning = 0.0
 
         self._batch_id, self._event_id, self._heartbeat_id = self._schema_ids(s)
-        self._producer = Producer(s.kafka_config())
+        # librdkafka's own log lines go to Python logging, not to the service's stderr.
+        self._producer = Producer(s.kafka_config(), logger=log)
         self._topic = s.topic
         self._thread = threading.Thread(target=self._run, name="modelpulse-flusher", daemon=True)
         self._thread.start()
@@ -153,7 +154,7 @@ class PredictionPublisher:
         """
         if self._closed:
             raise PublisherClosed("publish() after close()")
-        code = OUTCOME_CODES.get(outcome)  # type: ignore[call-overload]
+        code = OUTCOME_CODES.get(outcome)
         if code is None:
             raise InvalidEvent("outcome", f"{outcome!r} is not one of {', '.join(OUTCOMES)}")
         try:

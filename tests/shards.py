@@ -146,7 +146,9 @@ def send_markers(bootstrap: str, topic: str, partitions: int, event_time_ms: int
     """Append a watermark marker to every partition so all panes before it close."""
     out = io.BytesIO()
     schemaless_writer(
-        out, parsed_schema(SchemaId.WATERMARK_MARKER), {"event_time_ms": event_time_ms, "origin": "test"}
+        out,
+        parsed_schema(SchemaId.WATERMARK_MARKER),
+        {"event_time_ms": event_time_ms, "origin": "test"},
     )
     value = frame(SchemaId.WATERMARK_MARKER, out.getvalue())
     producer = Producer({"bootstrap.servers": bootstrap})
@@ -156,7 +158,11 @@ def send_markers(bootstrap: str, topic: str, partitions: int, event_time_ms: int
 
 
 def total(samples: Samples, name: str, **match: str) -> float:
-    return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == x for k, x in match.items()))
+    return sum(
+        v
+        for labels, v in samples.get(name, [])
+        if all(labels.get(k) == x for k, x in match.items())
+    )
 
 
 def merged(shards: list[ShardProcess]) -> Samples:

@@ -80,9 +80,7 @@ def _generate(seed: int = 11, per_model: int = 1500) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def shard_factory(
-    kafka_bootstrap: str, tmp_path: Path
-) -> Iterator[Callable[..., ShardProcess]]:
+def shard_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., ShardProcess]]:
     started: list[ShardProcess] = []
 
     def make(topic: str, **overrides: Any) -> ShardProcess:
@@ -102,9 +100,17 @@ def shard_factory(
 
 def _row(e: dict[str, Any]) -> Row:
     return Row(
-        e["model"], e["version"], e["event_time"], e["latency_seconds"],
-        ["ok", "error", "timeout", "rejected"].index(e["outcome"]), e["prediction"], e["score"],
-        e["label"], None, e["features"], "",
+        e["model"],
+        e["version"],
+        e["event_time"],
+        e["latency_seconds"],
+        ["ok", "error", "timeout", "rejected"].index(e["outcome"]),
+        e["prediction"],
+        e["score"],
+        e["label"],
+        None,
+        e["features"],
+        "",
     )
 
 
@@ -116,7 +122,7 @@ def _produce_in_time_order(
     Classifiers send columnar envelopes (one per 250 ms slice), regressors one
     Confluent-framed event per prediction. ``late`` goes last: its panes are closed.
     """
-    from confluent_kafka import Producer  # noqa: PLC0415
+    from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
     ordered = sorted(events, key=lambda e: e["event_time"])
@@ -136,7 +142,9 @@ def _produce_in_time_order(
     assert producer.flush(30) == 0
 
 
-def _on_time(events: list[dict[str, Any]], model: str, start_ms: int, end_ms: int) -> list[dict[str, Any]]:
+def _on_time(
+    events: list[dict[str, Any]], model: str, start_ms: int, end_ms: int
+) -> list[dict[str, Any]]:
     return [
         e
         for e in events
@@ -145,13 +153,17 @@ def _on_time(events: list[dict[str, Any]], model: str, start_ms: int, end_ms: in
 
 
 def _gauge(samples: Samples, name: str, **labels: str) -> float | None:
-    rows = [v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())]
+    rows = [
+        v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
+    ]
     assert len(rows) <= 1, (name, labels, rows)
     return rows[0] if rows else None
 
 
 def test_windowed_metrics_equal_sklearn_over_two_shards(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], shard_factory: Callable[..., ShardProcess]
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    shard_factory: Callable[..., ShardProcess],
 ) -> None:
     topic = topic_factory("exact", partitions=2)
     shards = [shard_factory(topic), shard_factory(topic)]
@@ -165,11 +177,15 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
 
     def complete() -> Samples | None:
         s = merged(shards)
-        ends = [v for lab, v in s.get("model_window_end_timestamp_seconds", []) if lab["window"] == "10s"]
+        ends = [
+            v
+            for lab, v in s.get("model_window_end_timestamp_seconds", [])
+            if lab["window"] == "10s"
+        ]
         models = {lab["model"] for lab, _ in s.get("model_info", [])}
-        if models == set(MODELS) and ends and all(v == end_s for v in ends):
-            if total(s, "modelpulse_late_events_total") == len(late):
-                return s
+        closed = models == set(MODELS) and ends and all(v == end_s for v in ends)
+        if closed and total(s, "modelpulse_late_events_total") == len(late):
+            return s
         return None
 
     samples = wait_until(complete, 90, "all windows closed", shards)
@@ -193,14 +209,18 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
             scored = [e for e in sel if e["outcome"] == "ok" and e["label"] is not None]
             if classes is None:
                 err = np.array([e["prediction"] - e["label"] for e in scored])
-                assert _gauge(samples, "model_mae", **labels) == pytest.approx(np.abs(err).mean(), rel=1e-9)
+                assert _gauge(samples, "model_mae", **labels) == pytest.approx(
+                    np.abs(err).mean(), rel=1e-9
+                )
                 assert _gauge(samples, "model_rmse", **labels) == pytest.approx(
                     math.sqrt((err**2).mean()), rel=1e-9
                 )
                 continue
             y_true = [e["label"] for e in scored]
             y_pred = [e["prediction"] for e in scored]
-            assert _gauge(samples, "model_accuracy", **labels) == pytest.approx(accuracy_score(y_true, y_pred))
+            assert _gauge(samples, "model_accuracy", **labels) == pytest.approx(
+                accuracy_score(y_true, y_pred)
+            )
             present = sorted(set(y_true) | set(y_pred))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -217,7 +237,9 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
                         else:
                             assert got == pytest.approx(want), (model, wl, name, cls)
                     macro = fn(y_true, y_pred, average="macro")
-                    assert _gauge(samples, name, **labels, **{"class": "macro"}) == pytest.approx(macro)
+                    assert _gauge(samples, name, **labels, **{"class": "macro"}) == pytest.approx(
+                        macro
+                    )
             mcm = multilabel_confusion_matrix(y_true, y_pred, labels=present)
             for cls, m in zip(present, mcm, strict=True):
                 (tn, fp), (fn_, tp) = m
@@ -232,7 +254,9 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
         sel = _on_time(events, model, T0_MS, T0_MS + 10_000)
         for outcome in ("ok", "error", "timeout", "rejected"):
             want = sum(1 for e in sel if e["outcome"] == outcome)
-            assert total(samples, "inference_predictions_total", model=model, outcome=outcome) == want
+            assert (
+                total(samples, "inference_predictions_total", model=model, outcome=outcome) == want
+            )
         assert total(samples, "inference_latency_seconds_count", model=model) == len(sel)
         assert total(samples, "inference_latency_seconds_sum", model=model) == pytest.approx(
             sum(e["latency_seconds"] for e in sel)
@@ -243,7 +267,9 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
             for a in classes:
                 for p in classes:
                     want = sum(1 for e in labelled if e["label"] == a and e["prediction"] == p)
-                    got = total(samples, "model_confusion_total", model=model, actual=a, predicted=p)
+                    got = total(
+                        samples, "model_confusion_total", model=model, actual=a, predicted=p
+                    )
                     assert got == want
         else:
             assert total(samples, "model_prediction_error_count", model=model) == len(labelled)
@@ -264,9 +290,11 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
 
 
 def test_bad_input_is_dead_lettered_and_the_shard_keeps_counting(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], shard_factory: Callable[..., ShardProcess]
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    shard_factory: Callable[..., ShardProcess],
 ) -> None:
-    from confluent_kafka import Producer  # noqa: PLC0415
+    from confluent_kafka import Producer
 
     topic = topic_factory("poison")
     shard = shard_factory(topic, max_future="1h")
@@ -274,8 +302,17 @@ def test_bad_input_is_dead_lettered_and_the_shard_keeps_counting(
 
     def row(**kw: Any) -> Row:
         base = dict(
-            model="m", version="v", time=t, latency_seconds=0.01, outcome=0, prediction="a",
-            score=0.5, label="a", segment=None, features=None, event_id="",
+            model="m",
+            version="v",
+            time=t,
+            latency_seconds=0.01,
+            outcome=0,
+            prediction="a",
+            score=0.5,
+            label="a",
+            segment=None,
+            features=None,
+            event_id="",
         )
         base.update(kw)
         return Row(**base)
@@ -314,11 +351,15 @@ def test_bad_input_is_dead_lettered_and_the_shard_keeps_counting(
     for reason in poison:
         extra = 1 if reason == "invalid_latency" else 0  # the envelope's one bad row
         assert total(samples, "modelpulse_dead_lettered_total", reason=reason) == rounds + extra
-    dlq = consume_all(kafka_bootstrap, f"{topic}-dlq", expected=rounds * len(poison) + 1, timeout=30)
+    dlq = consume_all(
+        kafka_bootstrap, f"{topic}-dlq", expected=rounds * len(poison) + 1, timeout=30
+    )
     by_reason: dict[str, int] = {}
     for m in dlq:
         h = dict(m.headers() or {})
-        by_reason[h["modelpulse.reason"].decode()] = by_reason.get(h["modelpulse.reason"].decode(), 0) + 1
+        by_reason[h["modelpulse.reason"].decode()] = (
+            by_reason.get(h["modelpulse.reason"].decode(), 0) + 1
+        )
         assert h["modelpulse.source.partition"] == b"0"
         assert int(h["modelpulse.source.offset"]) >= 0
     assert by_reason.pop("invalid_latency") == rounds + 1  # + the envelope with one bad row
@@ -327,19 +368,35 @@ def test_bad_input_is_dead_lettered_and_the_shard_keeps_counting(
 
 
 def test_bad_configuration_is_refused_naming_the_flag(tmp_path: Path) -> None:
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
+    import subprocess
+    import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "aggregator", "--pane", "10s", "--windows", "15s"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2
     assert "windows" in proc.stderr and "multiple of pane" in proc.stderr
     helped = subprocess.run(
-        [sys.executable, "-m", "aggregator", "--help"], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "aggregator", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert helped.returncode == 0
-    for flag in ("--bootstrap-servers", "--pane", "--windows", "--lateness", "--max-series",
-                 "--state-topic", "--dead-letter-topic", "--drift-reference", "MODELPULSE_"):
+    for flag in (
+        "--bootstrap-servers",
+        "--pane",
+        "--windows",
+        "--lateness",
+        "--max-series",
+        "--state-topic",
+        "--dead-letter-topic",
+        "--drift-reference",
+        "MODELPULSE_",
+    ):
         assert flag in helped.stdout

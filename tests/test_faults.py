@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
 import numpy as np
 import pytest
 from confluent_kafka import Producer
@@ -75,7 +74,9 @@ class Stream:
                 outcome = int(self.rng.choice([0, 0, 0, 0, 1, 2]))
                 pred = CLASSES[int(self.rng.integers(3))] if outcome == 0 else None
                 label = CLASSES[int(self.rng.integers(3))] if outcome == 0 else None
-                rows.append(Row(model, "v1", t / 1000, 0.01, outcome, pred, 0.5, label, None, None, ""))
+                rows.append(
+                    Row(model, "v1", t / 1000, 0.01, outcome, pred, 0.5, label, None, None, "")
+                )
                 self.outcomes[(model, outcome)] += 1
                 if outcome == 0:
                     self.confusion[(model, str(label), str(pred))] += 1
@@ -87,8 +88,12 @@ class Stream:
         return sum(self.outcomes.values())
 
 
-def _produce(bootstrap: str, topic: str, stream: Stream, pause: float, stop: threading.Event) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 5})
+def _produce(
+    bootstrap: str, topic: str, stream: Stream, pause: float, stop: threading.Event
+) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
+    )
     for r in range(stream.rounds):
         if stop.is_set():
             break
@@ -134,7 +139,7 @@ def _finish(bootstrap: str, topic: str, shards: list[ShardProcess], stream: Stre
             return s
         return None
 
-    samples = wait_until(done, 120, f"{stream.events} events counted", shards)
+    wait_until(done, 120, f"{stream.events} events counted", shards)
     time.sleep(2.0)  # would anything be counted twice a moment later?
     return merged(shards)
 
@@ -157,7 +162,11 @@ def test_sigkill_of_a_shard_mid_stream_loses_and_duplicates_nothing(
     producer.start()
     kills = 3 if long else 1
     for k in range(kills):
-        wait_until(lambda k=k: stream.sent_rounds >= stream.rounds * (k + 1) // (kills + 2), 120, "progress")
+        wait_until(
+            lambda k=k: stream.sent_rounds >= stream.rounds * (k + 1) // (kills + 2),
+            120,
+            "progress",
+        )
         victim = next(s for s in reversed(shards) if s.alive())
         victim.kill()
         shards.append(shard_factory(topic))
@@ -190,5 +199,3 @@ def test_shards_joining_and_leaving_keep_counts_exact(
     producer.join(300)
     samples = _finish(kafka_bootstrap, topic, shards, stream)
     _check_exact(samples, stream)
-
-

@@ -1,0 +1,1 @@
+"""The local demo: real Kafka, Prometheus, aggregator shards and a simulated fleet."""

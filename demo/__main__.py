@@ -1,0 +1,247 @@
+"""``python -m demo``: the whole stack on this machine, with traffic you can watch.
+
+Starts Kafka (KRaft, scripts/kafka.sh), creates the topic, starts aggregator shards,
+starts Prometheus scraping them (file_sd), runs a simulated fleet through the
+producer library and prints a live per-model summary read from the shards. Ctrl-C
+(or --duration) stops everything it started, cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
+
+from demo.fleet import INCIDENTS, Fleet, default_models
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = Path(os.environ.get("MODELPULSE_RUN_DIR", ROOT / ".run")) / "demo"
+
+
+def _sh(*args: str) -> str:
+    proc = subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo: {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Scripted incidents (seconds after start): "
+        + "; ".join(f"{i.model}: {i.kind} at {i.start_s:.0f}s" for i in INCIDENTS),
+    )
+    p.add_argument("--duration", type=float, default=0, help="seconds to run; 0 = until Ctrl-C")
+    p.add_argument("--rate", type=float, default=200, help="predictions per second per model")
+    p.add_argument("--models", type=int, default=6, help="number of simulated models")
+    p.add_argument("--shards", type=int, default=2, help="aggregator processes")
+    p.add_argument("--partitions", type=int, default=6, help="partitions of the input topic")
+    p.add_argument("--kafka-port", type=int, default=9092)
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--first-shard-port", type=int, default=9464)
+    p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between summaries")
+    return p.parse_args(argv)
+
+
+def _ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if topic in admin.list_topics(timeout=10).topics:
+        return
+    for fut in admin.create_topics([NewTopic(topic, num_partitions=partitions)]).values():
+        fut.result(30)
+
+
+def _scrape(ports: list[int]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[s.name].append((dict(s.labels), float(s.value)))
+    return out
+
+
+def _value(samples: Any, name: str, **labels: str) -> float | None:
+    rows = [
+        v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
+    ]
+    return sum(rows) if rows else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    width = int(spec.split(".", maxsplit=1)[0])
+    return "-".rjust(width) if value is None else format(value, spec)
+
+
+def _summary(samples: Any, elapsed: float) -> str:
+    lines = [
+        f"\n modelpulse demo, {elapsed:5.0f}s  (1m window, last closed pane)",
+        f" {'model':<18}{'version':<8}{'pred/s':>8}{'errors':>8}{'accuracy':>10}"
+        f"{'macro F1':>10}{'MAE':>8}{'p99 ms':>8}{'drift':>8}",
+    ]
+    models = sorted({(lab["model"], lab["version"]) for lab, _ in samples.get("model_info", [])})
+    for model, version in models:
+        w = {"model": model, "version": version, "window": "1m"}
+        total = _value(samples, "inference_predictions_total", model=model, version=version)
+        errors = _value(samples, "inference_errors_total", model=model, version=version)
+        err = None if not total else (errors or 0) / total
+        p99 = _value(samples, "inference_latency_quantile_seconds", quantile="0.99", **w)
+        drift_rows = [
+            v
+            for lab, v in samples.get("model_drift_score", [])
+            if lab["model"] == model and lab["window"] == "1m" and lab["method"] == "psi"
+        ]
+        lines.append(
+            f" {model:<18}{version:<8}"
+            f"{_fmt(_value(samples, 'inference_throughput', **w), '8.1f')}"
+            f"{_fmt(None if err is None else 100 * err, '7.1f')}%"
+            f"{_fmt(_value(samples, 'model_accuracy', **w), '10.3f')}"
+            f"{_fmt(_value(samples, 'model_f1_score', **{'class': 'macro'}, **w), '10.3f')}"
+            f"{_fmt(_value(samples, 'model_mae', **w), '8.2f')}"
+            f"{_fmt(None if p99 is None else p99 * 1000, '8.1f')}"
+            f"{_fmt(max(drift_rows) if drift_rows else None, '8.2f')}"
+        )
+    dead = _value(samples, "modelpulse_dead_lettered_total") or 0
+    lag = _value(samples, "modelpulse_consumer_lag") or 0
+    owned = {lab.get("partition") for lab, _ in samples.get("modelpulse_events_total", [])}
+    lines.append(
+        f" shards: {len(owned)} partitions owned, lag {lag:.0f} msgs, dead-lettered {dead:.0f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    RUN.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=RUN / "demo.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    print("demo: starting Kafka (KRaft) ...", flush=True)
+    out = _sh("scripts/kafka.sh", "start", "--name", "demo", "--port", str(args.kafka_port))
+    match = re.search(r"^bootstrap=(\S+)$", out, re.MULTILINE)
+    assert match is not None
+    bootstrap = match.group(1)
+    topic = "predictions"
+    _ensure_topic(bootstrap, topic, args.partitions)
+
+    ports = [args.first_shard_port + i for i in range(args.shards)]
+    shards: list[subprocess.Popen[bytes]] = []
+    for i, port in enumerate(ports):
+        with (RUN / f"shard-{i}.log").open("ab") as log:
+            shards.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "aggregator",
+                        "--bootstrap-servers",
+                        bootstrap,
+                        "--http-port",
+                        str(port),
+                        "--http-host",
+                        "127.0.0.1",
+                        "--shard-id",
+                        f"shard-{i}",
+                        "--idle-timeout",
+                        "20s",
+                        "--drift-reference",
+                        "1m",
+                    ],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    prometheus_url = None
+    if not args.no_prometheus:
+        targets = ROOT / "prometheus" / "targets"
+        targets.mkdir(exist_ok=True)
+        (targets / "aggregators.json").write_text(
+            json.dumps([{"targets": [f"127.0.0.1:{p}" for p in ports], "labels": {"env": "demo"}}])
+        )
+        out = _sh(
+            "scripts/prometheus.sh", "start", "--name", "demo", "--port", str(args.prometheus_port)
+        )
+        prometheus_url = f"http://127.0.0.1:{args.prometheus_port}"
+
+    fleet = Fleet(bootstrap, topic, default_models(args.models), args.rate)
+    fleet.start()
+    print(f"demo: Kafka {bootstrap}, topic {topic!r} ({args.partitions} partitions)")
+    for i, port in enumerate(ports):
+        log_path = RUN / f"shard-{i}.log"
+        print(f"demo: aggregator shard-{i}: http://127.0.0.1:{port}/metrics  (log {log_path})")
+    if prometheus_url:
+        print(f'demo: Prometheus {prometheus_url}  (try: model_accuracy{{window="1m"}})')
+    print(
+        f"demo: {args.models} models at {args.rate:.0f} predictions/s each; Ctrl-C stops",
+        flush=True,
+    )
+
+    stopping = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        next_summary = time.monotonic() + args.interval
+        while not stopping:
+            if args.duration and fleet.elapsed() >= args.duration:
+                break
+            if any(s.poll() is not None for s in shards):
+                print("demo: an aggregator shard exited; see its log", file=sys.stderr)
+                break
+            if time.monotonic() >= next_summary:
+                next_summary += args.interval
+                print(_summary(_scrape(ports), fleet.elapsed()), flush=True)
+            time.sleep(0.2)
+    finally:
+        print("\ndemo: stopping fleet, shards, Prometheus and Kafka ...", flush=True)
+        fleet.stop()
+        stats = fleet.publisher.stats()
+        final = _scrape(ports)
+        for s in shards:
+            s.send_signal(signal.SIGTERM)
+        for s in shards:
+            try:
+                s.wait(30)
+            except subprocess.TimeoutExpired:
+                s.kill()
+        if prometheus_url:
+            _sh("scripts/prometheus.sh", "stop", "--name", "demo")
+        _sh("scripts/kafka.sh", "stop", "--name", "demo")
+        counted = _value(final, "inference_predictions_total") or 0
+        print(
+            f"demo: published {stats.published} predictions ({stats.sent} acknowledged, "
+            f"{stats.dropped} dropped, {stats.failed} failed); aggregators counted {counted:.0f} "
+            "in closed panes (the last open panes are not counted yet)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
