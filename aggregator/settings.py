@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aggregator.catalog import Limits
-from aggregator.state import StateConfig
+from aggregator.state import StateConfig, load_reference_file
 
 __all__ = ["AggregatorSettings", "parse_duration_ms"]
 
@@ -80,6 +80,11 @@ class AggregatorSettings(BaseSettings):
     )
     drift_reference: str = Field(
         "5m", description="Drift reference: the first full window of this length per version."
+    )
+    drift_reference_file: str | None = Field(
+        None,
+        description="JSON file of reference sample values per model (score, prediction, "
+        "features); models without an entry use the first full window.",
     )
     max_models: int = Field(
         100, ge=1, description="Models per partition; more fold into __overflow__."
@@ -146,7 +151,10 @@ class AggregatorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorSettings:
-        self.state_config()  # raises ValueError naming the field
+        try:
+            self.state_config()  # raises ValueError naming the field
+        except OSError as exc:
+            raise ValueError(f"drift_reference_file: {exc}") from None
         return self
 
     def state_config(self) -> StateConfig:
@@ -171,6 +179,9 @@ class AggregatorSettings(BaseSettings):
             error_bounds=_floats(self.error_buckets),
             drift_reference_ms=parse_duration_ms(self.drift_reference),
             limits=limits,
+            reference_samples=load_reference_file(self.drift_reference_file)
+            if self.drift_reference_file
+            else (),
         )
 
     def _series_per_model_version(self, n_windows: int) -> int:

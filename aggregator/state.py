@@ -32,6 +32,7 @@ __all__ = [
     "StateConfig",
     "StateView",
     "WindowAggregate",
+    "load_reference_file",
 ]
 
 N_OUTCOMES: Final = 5  # ok, error, timeout, rejected, unknown (schemas.wire.OUTCOMES)
@@ -95,6 +96,9 @@ class StateConfig:
     )
     drift_reference_ms: int = 300_000
     limits: Limits = field(default_factory=Limits)
+    # Sample values per model (see ``load_reference_file``); not part of the digest:
+    # it only shapes drift gauges, which are recomputed from panes at every render.
+    reference_samples: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.pane_ms <= 0:
@@ -118,7 +122,9 @@ class StateConfig:
         return max(self.windows_ms) // self.pane_ms + -(-self.lateness_ms // self.pane_ms) + 2
 
     def digest(self) -> str:
-        doc = json.dumps(asdict(self), sort_keys=True, default=list)
+        fields = asdict(self)
+        fields.pop("reference_samples")
+        doc = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
@@ -174,6 +180,29 @@ def _names(table: dict[str, int], size: int) -> list[str]:
     for name, i in table.items():
         names[i] = name
     return names
+
+
+def load_reference_file(path: str) -> tuple[tuple[str, str, str], ...]:
+    """Parse a drift reference file into ``StateConfig.reference_samples``.
+
+    The file is JSON: ``{"models": {"<model>": {"version": "*" or "<v>", "score": [...],
+    "prediction": [...], "features": {"<name>": [...]}}}}`` with raw sample values (e.g.
+    from the training or validation set); they are binned exactly as live traffic is.
+    """
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict):
+        raise ValueError(f"{path}: expected {{'models': {{name: {{...}}}}}}")
+    out = []
+    for model, spec in models.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: models.{model} must be an object")
+        unknown = set(spec) - {"version", "score", "prediction", "features"}
+        if unknown:
+            raise ValueError(f"{path}: models.{model}: unknown keys {sorted(unknown)}")
+        out.append((model, str(spec.get("version", "*")), json.dumps(spec, sort_keys=True)))
+    return tuple(out)
 
 
 def _drift_bin(values: np.ndarray) -> np.ndarray:
@@ -575,12 +604,49 @@ class PartitionState:
         self.closed = new_closed
         self._take_references()
 
+    def _reference_from_samples(self, mv: int) -> bool:
+        """Set the reference of ``mv`` from the configured sample file, if it has one."""
+        entry = self.catalog.entries[mv]
+        spec = None
+        for model, version, text in self.config.reference_samples:
+            if model == entry.model and version in ("*", entry.version):
+                spec = json.loads(text)
+                if version != "*":
+                    break
+        if spec is None:
+            return False
+        score = np.asarray(spec.get("score", []), dtype=np.float64)
+        score = score[(score >= 0) & (score <= 1)]
+        ns = len(self.config.score_bounds) + 1
+        self.reference["score"][mv] = np.bincount(
+            np.searchsorted(self._score_edges, score, "left"), minlength=ns
+        )
+        preds = spec.get("prediction", [])
+        if preds and all(isinstance(p, str) for p in preds):
+            ids = [self.catalog.class_id(mv, p) for p in preds]
+            self.reference["pred_class"][mv] = np.bincount(
+                ids, minlength=self.config.limits.max_classes
+            )
+        elif preds:
+            values = np.asarray(preds, dtype=np.float64)
+            self.reference["pred_hist"][mv] = np.bincount(_drift_bin(values), minlength=DRIFT_BINS)
+        for name, values in spec.get("features", {}).items():
+            f = self.catalog.feature_id(mv, name)
+            arr = np.asarray(values, dtype=np.float64)
+            self.reference["feat"][mv, f] += np.bincount(
+                _drift_bin(arr[np.isfinite(arr)]), minlength=DRIFT_BINS
+            )
+        self.has_reference[mv] = True
+        return True
+
     def _take_references(self) -> None:
-        """Reference distributions: the first full reference window after first sight."""
+        """Reference distributions: from the sample file, else the first full window."""
         cfg = self.config
         n_ref = cfg.drift_reference_ms // cfg.pane_ms
         for mv, entry in enumerate(self.catalog.entries):
             if self.has_reference[mv]:
+                continue
+            if cfg.reference_samples and self._reference_from_samples(mv):
                 continue
             start = entry.first_seen_ms // cfg.pane_ms + 1
             if self.closed < start + n_ref:

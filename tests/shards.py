@@ -123,7 +123,8 @@ def shard_args(bootstrap: str, topic: str, **overrides: Any) -> list[str]:
     base.update(overrides)
     args: list[str] = []
     for key, value in base.items():
-        args += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
     return args
 
 

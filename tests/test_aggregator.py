@@ -400,3 +400,139 @@ def test_bad_configuration_is_refused_naming_the_flag(tmp_path: Path) -> None:
         "MODELPULSE_",
     ):
         assert flag in helped.stdout
+
+
+def test_heartbeats_and_idle_markers(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    shard_factory: Callable[..., ShardProcess],
+) -> None:
+    """Resource heartbeats become gauges; an idle partition's windows still close."""
+    from producer import PredictionPublisher, PublisherSettings
+
+    topic = topic_factory("idle")
+    shard = shard_factory(topic, idle_timeout="2s", max_future="1h")
+    wait_assigned([shard], 1)
+    settings = PublisherSettings(
+        bootstrap_servers=kafka_bootstrap,
+        topic=topic,
+        service="svc",
+        instance="pod-1",
+        heartbeat_seconds=0.5,
+        linger_seconds=0.05,
+    )
+    with PredictionPublisher(settings) as pub:
+        now = time.time()
+        for i in range(50):
+            pub.publish("m", "v1", 0.01, prediction="a", label="a", event_time=now - 1 + i / 100)
+        time.sleep(1.5)  # a few heartbeats
+    # No more events: only the shard's watermark marker can close the pane of `now`.
+    end = wait_until(
+        lambda: (
+            (
+                _gauge(
+                    shard.scrape(), "model_window_end_timestamp_seconds", model="m", window="10s"
+                )
+                or 0
+            )
+            > now
+        ),
+        60,
+        "windows closed by a watermark marker",
+        [shard],
+    )
+    assert end
+    s = shard.scrape()
+    assert total(s, "inference_predictions_total", model="m") == 50
+    cpu = _gauge(s, "inference_cpu_usage_ratio", service="svc", instance="pod-1")
+    mem = _gauge(s, "inference_memory_usage_bytes", service="svc", instance="pod-1")
+    assert cpu is not None and 0 <= cpu <= 1
+    assert mem is not None and mem > 10e6
+
+
+def test_cardinality_caps_fold_into_overflow(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    shard_factory: Callable[..., ShardProcess],
+) -> None:
+    from confluent_kafka import Producer
+
+    topic = topic_factory("caps")
+    shard = shard_factory(topic, max_models=5, max_classes=4, max_series=20_000)
+    t = T0_MS / 1000
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    rows = [
+        Row(
+            f"model-{i}",
+            "v1",
+            t + i / 1e4,
+            0.01,
+            0,
+            f"class-{i % 50}",
+            None,
+            "class-0",
+            None,
+            None,
+            "",
+        )
+        for i in range(2000)
+    ]
+    for i in range(0, 2000, 100):
+        for r in rows[i : i + 100]:
+            producer.produce(topic, encode_event(r), b"k")
+    assert producer.flush(30) == 0
+    send_markers(kafka_bootstrap, topic, 1, T0_MS + 10_000)
+    s = wait_until(
+        lambda: (x := shard.scrape()) and total(x, "inference_predictions_total") == 2000 and x,
+        60,
+        "events counted",
+        [shard],
+    )
+    models = {lab["model"] for lab, _ in s["model_info"]}
+    assert len(models) == 6 and "__overflow__" in models  # 5 admitted + the overflow bucket
+    assert total(s, "modelpulse_folded_total", kind="model") == 2000 - 5
+    classes = {
+        lab["predicted"] for lab, _ in s["model_confusion_total"] if lab["model"] == "__overflow__"
+    }
+    assert "__overflow__" in classes and len(classes - {"__overflow__"}) == 3  # 4 = 3 + overflow
+    assert total(s, "modelpulse_folded_total", kind="class") > 0
+    series = _gauge(s, "modelpulse_series")
+    lines = shard.get()[1].count("\n") - shard.get()[1].count("\n#")
+    assert series is not None and series <= 20_000 and lines <= 20_000
+
+
+def test_changed_config_refuses_the_snapshot_unless_rebuilding(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    shard_factory: Callable[..., ShardProcess],
+) -> None:
+    from confluent_kafka import Producer
+
+    topic = topic_factory("config")
+    first = shard_factory(topic)
+    wait_assigned([first], 1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(10):
+        r = Row("m", "v1", T0_MS / 1000 + i, 0.01, 0, "a", None, None, None, None, "")
+        producer.produce(topic, encode_event(r), b"m")
+    assert producer.flush(30) == 0
+    wait_until(
+        lambda: (
+            total(first.scrape(), "modelpulse_snapshot_age_seconds") < 1.0
+            and total(first.scrape(), "modelpulse_model_versions") == 1
+        ),
+        60,
+        "a snapshot",
+        [first],
+    )
+    assert first.terminate() == 0
+    changed = shard_factory(topic, pane="2s", windows="4s,10s", drift_reference="4s")
+    assert changed.proc is not None
+    assert changed.proc.wait(60) == 1
+    assert "snapshot made with config" in changed.log_path.read_text()
+    rebuilt = shard_factory(
+        topic, pane="2s", windows="4s,10s", drift_reference="4s", rebuild_state=True
+    )
+    wait_until(
+        lambda: total(rebuilt.scrape(), "modelpulse_events_total") == 10, 60, "rebuilt", [rebuilt]
+    )

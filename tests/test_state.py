@@ -1,0 +1,230 @@
+"""Window arithmetic and partition state, without Kafka (property-based)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.decode import Marker, RowChunk, SchemaResolver, decode_batch
+from aggregator.errors import ConfigMismatch
+from aggregator.metrics import build_families
+from aggregator.quality import jensen_shannon_distance
+from aggregator.state import PartitionState, StateConfig, load_reference_file
+from aggregator.window import NO_TIME, closed_panes, late_mask, pane_index
+from producer.encode import Row, encode_batch
+
+PANE, LATE = 1000, 2000
+CONFIG = StateConfig(
+    pane_ms=PANE, windows_ms=(5000, 10_000), lateness_ms=LATE, drift_reference_ms=5000
+)
+
+
+def _oracle_late(ts: list[int], prior: int) -> tuple[list[bool], int]:
+    """One event at a time, as the definition says."""
+    out, mx = [], prior
+    for t in ts:
+        closed = (mx - LATE) // PANE if mx > NO_TIME else None
+        out.append(closed is not None and t // PANE < closed)
+        mx = max(mx, t)
+    return out, mx
+
+
+@given(st.lists(st.integers(0, 60_000), max_size=200), st.sampled_from([NO_TIME, 5_000, 30_000]))
+def test_late_mask_matches_the_per_event_definition(ts: list[int], prior: int) -> None:
+    late, mx = late_mask(np.array(ts, dtype=np.int64), prior, LATE, PANE)
+    want, want_max = _oracle_late(ts, prior)
+    assert late.tolist() == want
+    assert mx == want_max
+
+
+@given(st.integers(-(10**12), 10**12), st.integers(1, 10**6))
+def test_pane_index_is_floor_division(ts: int, pane: int) -> None:
+    k = int(pane_index(ts, pane))
+    assert k * pane <= ts < (k + 1) * pane
+
+
+def test_closed_panes() -> None:
+    assert closed_panes(12_500, 2000, 1000) == 10  # panes 0..9 closed, window end 10 s
+    assert closed_panes(NO_TIME, 2000, 1000) < -(10**12)
+
+
+def _events(seed: int, n: int) -> list[Row]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        jitter = int(rng.normal(0, 1500)) if rng.random() < 0.2 else 0  # some out of order
+        t_ms = 1_700_000_000_000 + i * 20 + jitter
+        model = ["a", "b", "r"][int(rng.integers(3))]
+        if model == "r":
+            pred: Any = float(rng.normal())
+            label: Any = float(rng.normal()) if rng.random() < 0.5 else None
+        else:
+            pred = ["x", "y", "z"][int(rng.integers(3))]
+            label = ["x", "y", "z"][int(rng.integers(3))] if rng.random() < 0.7 else None
+        rows.append(
+            Row(
+                model,
+                "v1",
+                t_ms / 1000,
+                float(rng.lognormal(-4, 1)),
+                int(rng.choice([0, 0, 0, 1])),
+                pred,
+                float(rng.random()),
+                label,
+                None,
+                {"f": float(rng.normal())},
+                "",
+            )
+        )
+    return rows
+
+
+def _messages(rows: list[Row], per_message: int) -> list[RowChunk]:
+    """Envelopes of consecutive rows of the same model, in order (as a producer sends)."""
+    resolver = SchemaResolver()
+    chunks, start = [], 0
+    while start < len(rows):
+        end = start + 1
+        while (
+            end < len(rows) and end - start < per_message and rows[end].model == rows[start].model
+        ):
+            end += 1
+        chunks.append(decode_batch(resolver.read(encode_batch(rows[start:end]))[1], len(chunks)))
+        start = end
+    return chunks
+
+
+def _run(chunks: list[Any], splits: list[int]) -> PartitionState:
+    state = PartitionState(CONFIG, 0)
+    bounds = [0, *sorted(set(splits)), len(chunks)]
+    for lo, hi in itertools.pairwise(bounds):
+        if hi <= lo:
+            continue
+        offs = np.arange(lo, hi, dtype=np.int64)
+        state.ingest(chunks[lo:hi], offs, np.full(hi - lo, 2_000_000_000_000), hi)
+    return state
+
+
+def _same(a: PartitionState, b: PartitionState) -> None:
+    assert a.catalog.to_json() == b.catalog.to_json()
+    m = len(a.catalog)
+    for name in a.cum:
+        if a.cum[name].dtype.kind == "f":  # sums: exact up to float rounding order
+            np.testing.assert_allclose(a.cum[name][:m], b.cum[name][:m], rtol=1e-12, err_msg=name)
+        else:  # counts: exactly equal
+            np.testing.assert_array_equal(a.cum[name][:m], b.cum[name][:m], err_msg=name)
+    assert a.rejected == b.rejected
+    assert (a.max_event_ms, a.closed) == (b.max_event_ms, b.closed)
+    for w in CONFIG.windows_ms:
+        wa, wb = a.window(w), b.window(w)
+        for field in ("outcome", "lat", "conf", "err", "feat"):
+            np.testing.assert_array_equal(getattr(wa, field), getattr(wb, field), err_msg=field)
+
+
+CHUNKS = _messages(_events(3, 1500), 40)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, len(CHUNKS)), max_size=12))
+def test_batch_boundaries_do_not_change_the_state(splits: list[int]) -> None:
+    """Replaying the same log with any batching gives identical state (exactness)."""
+    _same(_run(CHUNKS, []), _run(CHUNKS, splits))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, len(CHUNKS) - 1))
+def test_snapshot_restore_mid_stream_equals_uninterrupted(cut: int) -> None:
+    whole = _run(CHUNKS, [cut])
+    first = _run(CHUNKS[:cut], [])
+    restored = PartitionState.from_bytes(first.to_bytes(), CONFIG)
+    assert restored.next_offset == cut
+    offs = np.arange(cut, len(CHUNKS), dtype=np.int64)
+    restored.ingest(CHUNKS[cut:], offs, np.full(offs.size, 2_000_000_000_000), len(CHUNKS))
+    _same(whole, restored)
+
+
+def test_counters_equal_the_events_of_closed_panes() -> None:
+    rows = _events(9, 800)
+    state = _run(_messages(rows, 25), [3, 9, 17])
+    ts = [int(np.floor(float(r.time) * 1000)) for r in rows]
+    late, mx = _oracle_late(ts, NO_TIME)
+    closed = (mx - LATE) // PANE
+    counted = [r for r, t, lt in zip(rows, ts, late, strict=True) if not lt and t // PANE < closed]
+    assert int(state.cum["outcome"].sum()) == len(counted)
+    assert state.rejected.get("late", 0) == sum(late)
+    ok_labelled_cls = [
+        r for r in counted if r.outcome == 0 and r.label is not None and r.model != "r"
+    ]
+    assert int(state.cum["conf"].sum()) == len(ok_labelled_cls)
+    assert float(state.cum["lat_sum"].sum()) == pytest.approx(
+        sum(r.latency_seconds for r in counted)
+    )
+
+
+def test_marker_closes_windows_and_config_mismatch_is_refused() -> None:
+    state = _run(CHUNKS, [])
+    before = state.closed
+    state.ingest(
+        [Marker(10**6, state.max_event_ms + 60_000)],
+        np.array([10**6]),
+        np.array([2 * 10**12]),
+        10**6 + 1,
+    )
+    assert state.closed == before + 60
+    other = StateConfig(
+        pane_ms=2000, windows_ms=(10_000,), lateness_ms=LATE, drift_reference_ms=4000
+    )
+    with pytest.raises(ConfigMismatch, match="--rebuild-state"):
+        PartitionState.from_bytes(state.to_bytes(), other)
+
+
+def test_reference_file_sets_drift_baseline(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "reference.json"
+    ref.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "a": {
+                        "score": rng.random(5000).tolist(),
+                        "features": {"f": rng.normal(size=5000).tolist()},
+                    }
+                }
+            }
+        )
+    )
+    config = StateConfig(
+        pane_ms=PANE,
+        windows_ms=(5000, 10_000),
+        lateness_ms=LATE,
+        drift_reference_ms=5000,
+        reference_samples=load_reference_file(str(ref)),
+    )
+    assert config.digest() == CONFIG.digest()  # the reference does not invalidate snapshots
+    state = PartitionState(config, 0)
+    rows = _events(4, 1500)
+    chunks = _messages(rows, 40)
+    offs = np.arange(len(chunks))
+    state.ingest(chunks, offs, np.full(len(chunks), 2 * 10**12), len(chunks))
+    a = next(i for i, e in enumerate(state.catalog.entries) if e.model == "a")
+    assert state.has_reference[a]
+    w = state.window(10_000)
+    f = state.catalog.entries[a].features["f"]
+    ref_hist, live = state.reference["feat"][a, f], w.feat[a, f]
+    assert ref_hist.sum() == 5000 and live.sum() > 50
+    same = jensen_shannon_distance(ref_hist, live)
+    shifted = jensen_shannon_distance(ref_hist, np.roll(live, 12))  # values moved ~3 sd
+    assert same < 0.2 < 0.6 < shifted, (same, shifted)  # live traffic is normal, like the file
+    families = {f.name for f in build_families([state.view()], config)}
+    assert "model_drift_score" in families
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"models": {"a": {"scores": []}}}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_reference_file(str(bad))
