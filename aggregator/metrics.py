@@ -57,50 +57,63 @@ class ShardHealth:
     up_since: float = 0.0
 
 
-class _Builder:
-    def __init__(self) -> None:
-        self.families: list[Family] = []
+class _Columns:
+    """Label tuples and value arrays per family, appended in bulk (no per-series calls)."""
 
-    def gauge_or_counter(
-        self,
-        kind: str,
-        name: str,
-        help_text: str,
-        label_names: tuple[str, ...],
-        rows: list[tuple[tuple[str, ...], float]],
-    ) -> None:
-        self.families.append(
-            Family(
-                name=name,
-                kind=kind,  # type: ignore[arg-type]
-                help=help_text,
-                label_names=label_names,
-                label_values=[r[0] for r in rows],
-                values=np.array([r[1] for r in rows], dtype=np.float64),
-            )
+    def __init__(self) -> None:
+        self.labels: dict[str, list[tuple[str, ...]]] = {}
+        self.values: dict[str, list[np.ndarray]] = {}
+
+    def extend(self, family: str, labels: Sequence[tuple[str, ...]], values: Any) -> None:
+        if not labels:
+            return
+        self.labels.setdefault(family, []).extend(labels)
+        self.values.setdefault(family, []).append(
+            np.broadcast_to(np.asarray(values, dtype=np.float64), (len(labels),))
         )
 
-    def histogram(
-        self,
-        name: str,
-        help_text: str,
-        label_names: tuple[str, ...],
-        bounds: Sequence[float],
-        labels: list[tuple[str, ...]],
-        buckets: np.ndarray,
-        sums: np.ndarray,
+    def one(self, family: str, labels: tuple[str, ...], value: float) -> None:
+        self.extend(family, [labels], [value])
+
+    def family(self, name: str, kind: str, help_text: str, label_names: tuple[str, ...]) -> Family:
+        values = self.values.get(name)
+        return Family(
+            name=name,
+            kind=kind,  # type: ignore[arg-type]
+            help=help_text,
+            label_names=label_names,
+            label_values=self.labels.get(name, []),
+            values=np.concatenate(values) if values else np.empty(0),
+        )
+
+
+@dataclass(slots=True)
+class _Hist:
+    labels: list[tuple[str, ...]] = field(default_factory=list)
+    buckets: list[np.ndarray] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)
+
+    def extend(
+        self, labels: Sequence[tuple[str, ...]], buckets: np.ndarray, sums: np.ndarray
     ) -> None:
-        self.families.append(
-            Family(
-                name=name,
-                kind="histogram",
-                help=help_text,
-                label_names=label_names,
-                label_values=labels,
-                upper_bounds=list(bounds),
-                buckets=buckets.reshape(len(labels), len(bounds) + 1).astype(np.float64),
-                sums=sums.astype(np.float64),
-            )
+        if labels:
+            self.labels.extend(labels)
+            self.buckets.append(buckets)
+            self.sums.append(sums)
+
+    def family(self, name: str, help_text: str, bounds: Sequence[float]) -> Family:
+        width = len(bounds) + 1
+        return Family(
+            name=name,
+            kind="histogram",
+            help=help_text,
+            label_names=_MV,
+            label_values=self.labels,
+            upper_bounds=list(bounds),
+            buckets=np.concatenate(self.buckets).astype(np.float64)
+            if self.buckets
+            else np.empty((0, width)),
+            sums=np.concatenate(self.sums).astype(np.float64) if self.sums else np.empty(0),
         )
 
 
@@ -109,66 +122,71 @@ def _mv_labels(v: StateView) -> list[tuple[str, str, str]]:
     return [(e[0], e[1], p) for e in v.entries]
 
 
+def _cells(
+    mvl: Sequence[tuple[str, ...]], names: Sequence[Sequence[str]], mask: np.ndarray, *extra: str
+) -> tuple[list[tuple[str, ...]], tuple[np.ndarray, ...]]:
+    """Label tuples for the nonzero cells of ``mask[mv, i(, j)]``, named through ``names[mv]``."""
+    idx = np.nonzero(mask)
+    cols = [a.tolist() for a in idx]
+    if len(cols) == 2:
+        labels = [(*mvl[i], *extra, names[i][c]) for i, c in zip(*cols, strict=True)]
+    else:
+        labels = [
+            (*mvl[i], *extra, names[i][a], names[i][b]) for i, a, b in zip(*cols, strict=True)
+        ]
+    return labels, idx
+
+
 def build_families(
     views: Sequence[StateView], config: StateConfig, health: ShardHealth | None = None
 ) -> list[Family]:
     """Every family this shard exports, for the partitions it owns now."""
-    b = _Builder()
-    rows: dict[str, list[tuple[tuple[str, ...], float]]] = {}
-
-    def add(family: str, labels: tuple[str, ...], value: float) -> None:
-        rows.setdefault(family, []).append((labels, value))
-
-    lat_l: list[tuple[str, ...]] = []
-    lat_b: list[np.ndarray] = []
-    lat_s: list[np.ndarray] = []
-    err_l: list[tuple[str, ...]] = []
-    err_b: list[np.ndarray] = []
-    err_s: list[np.ndarray] = []
-    sc_l: list[tuple[str, ...]] = []
-    sc_b: list[np.ndarray] = []
-    sc_s: list[np.ndarray] = []
+    cols = _Columns()
+    lat, score, err = _Hist(), _Hist(), _Hist()
 
     for v in views:
         mvl = _mv_labels(v)
+        m = len(mvl)
         cum = v.cum
-        for i, lab in enumerate(mvl):
-            model, version, part = lab
-            regression = v.entries[i][2]
-            out = cum["outcome"][i]
+        regression = np.array([e[2] for e in v.entries], dtype=bool)
+        classes = [e[4] for e in v.entries]
+        if m:
+            out = cum["outcome"]
             for code, name in enumerate(_VALID):
-                add("inference_predictions", (*lab, name), float(out[code]))
+                by_outcome = [(*lab, name) for lab in mvl]
+                cols.extend("inference_predictions", by_outcome, out[:, code])
                 if code:
-                    add("inference_errors", (*lab, name), float(out[code]))
-            add("model_labeled_predictions", lab, float(cum["labelled"][i]))
-            add("model_unlabeled_predictions", lab, float(out[0] - cum["labelled"][i]))
-            add(
+                    cols.extend("inference_errors", by_outcome, out[:, code])
+            cols.extend("model_labeled_predictions", mvl, cum["labelled"])
+            cols.extend("model_unlabeled_predictions", mvl, out[:, 0] - cum["labelled"])
+            cols.extend(
                 "model_info",
-                (model, version, part, "regression" if regression else "classification"),
+                [
+                    (*lab, "regression" if r else "classification")
+                    for lab, r in zip(mvl, regression, strict=True)
+                ],
                 1.0,
             )
-            add("model_update_time_seconds", lab, v.entries[i][3] / 1000.0)
-            lat_l.append(lab)
-            lat_b.append(cum["lat"][i])
-            lat_s.append(cum["lat_sum"][i])
-            if cum["score"][i].sum():
-                sc_l.append(lab)
-                sc_b.append(cum["score"][i])
-                sc_s.append(cum["score_sum"][i])
-            if regression:
-                err_l.append(lab)
-                err_b.append(cum["err"][i])
-                err_s.append(cum["err_sum"][i])
-            else:
-                classes = v.entries[i][4]
-                conf = cum["conf"][i]
-                for a, p in zip(*np.nonzero(conf), strict=True):
-                    add("model_confusion", (*lab, classes[a], classes[p]), float(conf[a, p]))
-            segments = v.entries[i][6]
-            for s in np.flatnonzero(cum["seg"][i]):
-                add("inference_segment_predictions", (*lab, segments[s]), float(cum["seg"][i][s]))
+            cols.extend("model_update_time_seconds", mvl, [e[3] / 1000.0 for e in v.entries])
+            lat.extend(mvl, cum["lat"], cum["lat_sum"])
+            has_score = cum["score"].sum(axis=1) > 0
+            score.extend(
+                [mvl[i] for i in np.flatnonzero(has_score)],
+                cum["score"][has_score],
+                cum["score_sum"][has_score],
+            )
+            err.extend(
+                [mvl[i] for i in np.flatnonzero(regression)],
+                cum["err"][regression],
+                cum["err_sum"][regression],
+            )
+            conf = cum["conf"] * ~regression[:, None, None]
+            cells, (i, a, pc) = _cells(mvl, classes, conf > 0)
+            cols.extend("model_confusion", cells, conf[i, a, pc])
+            cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
+            cols.extend("inference_segment_predictions", cells, cum["seg"][i, g])
         for w in v.windows:
-            _window_rows(v, w, config, mvl, add)
+            _window_rows(v, w, config, mvl, regression, cols)
         for r in v.resources:
             si = (str(r["service"]), str(r["instance"]))
             for key, fam in (
@@ -177,164 +195,145 @@ def build_families(
                 ("disk_usage_ratio", "inference_disk_usage_ratio"),
             ):
                 if r.get(key) is not None:
-                    add(fam, si, float(r[key]))
-            for g in r.get("gpus", []):
-                add(
+                    cols.one(fam, si, float(r[key]))
+            for gpu in r.get("gpus", []):
+                cols.one(
                     "inference_gpu_usage_ratio",
-                    (*si, str(g["index"])),
-                    float(g["utilization_ratio"]),
+                    (*si, str(gpu["index"])),
+                    float(gpu["utilization_ratio"]),
                 )
         p = (str(v.partition),)
-        add("modelpulse_events", p, float(v.events_accepted))
-        add("modelpulse_late_events", p, float(v.rejected.get("late", 0)))
+        cols.one("modelpulse_events", p, float(v.events_accepted))
+        cols.one("modelpulse_late_events", p, float(v.rejected.get("late", 0)))
         for reason, n in sorted(v.rejected.items()):
-            add("modelpulse_dead_lettered", (*p, reason), float(n))
+            cols.one("modelpulse_dead_lettered", (*p, reason), float(n))
         for what, n in sorted(v.folded.items()):
-            add("modelpulse_folded", (*p, what), float(n))
+            cols.one("modelpulse_folded", (*p, what), float(n))
         if v.max_event_ms > 0:
-            add(
+            cols.one(
                 "modelpulse_watermark_timestamp_seconds",
                 p,
                 (v.max_event_ms - config.lateness_ms) / 1000,
             )
-        add("modelpulse_model_versions", p, float(len(v.entries)))
+        cols.one("modelpulse_model_versions", p, float(len(v.entries)))
 
     if health is not None:
         for pid, lag in sorted(health.lag.items()):
-            add("modelpulse_consumer_lag", (str(pid),), float(lag))
+            cols.one("modelpulse_consumer_lag", (str(pid),), float(lag))
         for pid, age in sorted(health.snapshot_age_seconds.items()):
-            add("modelpulse_snapshot_age_seconds", (str(pid),), age)
-        add("modelpulse_batch_seconds", (), health.batch_seconds_sum)
-        add("modelpulse_batches", (), float(health.batches))
-        add("modelpulse_messages", (), float(health.messages))
-        add("modelpulse_dead_letter_messages", (), float(health.dead_letter_messages))
-        add("modelpulse_partitions_owned", (), float(len(views)))
-        add("modelpulse_start_time_seconds", (), health.up_since)
+            cols.one("modelpulse_snapshot_age_seconds", (str(pid),), age)
+        cols.one("modelpulse_batch_seconds", (), health.batch_seconds_sum)
+        cols.one("modelpulse_batches", (), float(health.batches))
+        cols.one("modelpulse_messages", (), float(health.messages))
+        cols.one("modelpulse_dead_letter_messages", (), float(health.dead_letter_messages))
+        cols.one("modelpulse_partitions_owned", (), float(len(views)))
+        cols.one("modelpulse_start_time_seconds", (), health.up_since)
 
-    for spec in _SPECS:
-        name, kind, help_text, labels = spec
-        b.gauge_or_counter(kind, name, help_text, labels, rows.get(name, []))
-    n_lat, n_sc, n_err = (
-        len(config.latency_bounds),
-        len(config.score_bounds),
-        len(config.error_bounds),
+    families = [cols.family(*spec) for spec in _SPECS]
+    families.append(
+        lat.family(
+            "inference_latency_seconds", "Inference latency of closed panes.", config.latency_bounds
+        )
     )
-    b.histogram(
-        "inference_latency_seconds",
-        "Inference latency of closed panes.",
-        _MV,
-        config.latency_bounds,
-        lat_l,
-        _stack(lat_b, n_lat + 1),
-        _flat(lat_s),
+    families.append(
+        score.family(
+            "model_prediction_score",
+            "Score (probability) of predictions in closed panes.",
+            config.score_bounds,
+        )
     )
-    b.histogram(
-        "model_prediction_score",
-        "Score (probability) of predictions in closed panes.",
-        _MV,
-        config.score_bounds,
-        sc_l,
-        _stack(sc_b, n_sc + 1),
-        _flat(sc_s),
+    families.append(
+        err.family(
+            "model_prediction_error",
+            "Prediction minus label (regression), closed panes.",
+            config.error_bounds,
+        )
     )
-    b.histogram(
-        "model_prediction_error",
-        "Prediction minus label (regression), closed panes.",
-        _MV,
-        config.error_bounds,
-        err_l,
-        _stack(err_b, n_err + 1),
-        _flat(err_s),
+    series = sum(len(f.label_values) * _lines_per_series(f) for f in families)
+    families.append(
+        Family(
+            name="modelpulse_series",
+            kind="gauge",
+            help="Sample lines this shard exposes.",
+            label_names=(),
+            label_values=[()],
+            values=np.array([float(series + 1)]),
+        )
     )
-    series = sum(len(f.label_values) * _lines_per_series(f) for f in b.families)
-    b.gauge_or_counter(
-        "gauge",
-        "modelpulse_series",
-        "Sample lines this shard exposes.",
-        (),
-        [((), float(series + 1))],
-    )
-    return b.families
+    return families
 
 
 def _lines_per_series(f: Family) -> int:
     return len(f.upper_bounds) + 3 if f.kind == "histogram" else 1
 
 
-def _stack(arrays: list[np.ndarray], width: int) -> np.ndarray:
-    return np.array(arrays, dtype=np.float64).reshape(len(arrays), width)
-
-
-def _flat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.array(arrays, dtype=np.float64).reshape(len(arrays))
-
-
 def _window_rows(
-    v: StateView, w: WindowAggregate, config: StateConfig, mvl: list[tuple[str, str, str]], add: Any
+    v: StateView,
+    w: WindowAggregate,
+    config: StateConfig,
+    mvl: Sequence[tuple[str, ...]],
+    regression: np.ndarray,
+    cols: _Columns,
 ) -> None:
-    wl = _window_label(w.window_ms)
     m = len(mvl)
     if not m or w.end_ms <= 0:  # no pane closed yet: no window to report
         return
-    seconds = w.window_ms / 1000.0
+    wl = format_duration(w.window_ms)
+    wlab = [(*lab, wl) for lab in mvl]
+    classification = ~regression
+    cls_idx = np.flatnonzero(classification)
+    reg_idx = np.flatnonzero(regression)
     total = w.outcome[:m].sum(axis=-1)
-    cm = classification_metrics(w.conf[:m])
-    mae, rmse = regression_metrics(w.err[:m].sum(axis=-1), w.abs_err[:m], w.sq_err[:m])
+    cols.extend("model_window_predictions", wlab, total)
+    cols.extend("inference_throughput", wlab, total / (w.window_ms / 1000.0))
+    cols.extend("model_window_end_timestamp_seconds", wlab, w.end_ms / 1000.0)
     lat_q = histogram_quantiles(w.lat[:m], config.latency_bounds, QUANTILES)
-    drift: list[tuple[str, np.ndarray, np.ndarray]] = [
-        ("score", v.reference["score"], w.score[:m]),
-        ("prediction", v.reference["pred_class"], w.pred_class[:m]),
-        ("prediction_value", v.reference["pred_hist"], w.pred_hist[:m]),
-    ]
-    psi = {n: population_stability_index(r, c) for n, r, c in drift}
-    js = {n: jensen_shannon_distance(r, c) for n, r, c in drift}
-    fpsi = population_stability_index(v.reference["feat"], w.feat[:m])
-    fjs = jensen_shannon_distance(v.reference["feat"], w.feat[:m])
-    per_class = (
+    for qi, q in enumerate(QUANTILES):
+        cols.extend(
+            "inference_latency_quantile_seconds", [(*x, repr(q)) for x in wlab], lat_q[:, qi]
+        )
+
+    mae, rmse = regression_metrics(w.err[:m].sum(axis=-1), w.abs_err[:m], w.sq_err[:m])
+    cols.extend("model_mae", [wlab[i] for i in reg_idx], mae[reg_idx])
+    cols.extend("model_rmse", [wlab[i] for i in reg_idx], rmse[reg_idx])
+
+    cm = classification_metrics(w.conf[:m])
+    cols.extend("model_accuracy", [wlab[i] for i in cls_idx], cm.accuracy[cls_idx])
+    classes = [e[4] for e in v.entries]
+    labels, (i, c) = _cells(mvl, classes, cm.present & classification[:, None], wl)
+    macro_labels = [(*wlab[j], "macro") for j in cls_idx]
+    for fam, per, macro in (
         ("model_precision", cm.precision, cm.macro_precision),
         ("model_recall", cm.recall, cm.macro_recall),
         ("model_f1_score", cm.f1, cm.macro_f1),
         ("model_false_positive_rate", cm.false_positive_rate, cm.macro_false_positive_rate),
         ("model_false_negative_rate", cm.false_negative_rate, cm.macro_false_negative_rate),
-    )
-    end = w.end_ms / 1000.0
-    for i, lab in enumerate(mvl):
-        wlab = (*lab, wl)
-        regression = v.entries[i][2]
-        add("model_window_predictions", wlab, float(total[i]))
-        add("inference_throughput", wlab, float(total[i]) / seconds)
-        add("model_window_end_timestamp_seconds", wlab, end)
-        for qi, q in enumerate(QUANTILES):
-            add("inference_latency_quantile_seconds", (*wlab, _num(q)), float(lat_q[i, qi]))
-        if regression:
-            add("model_mae", wlab, float(mae[i]))
-            add("model_rmse", wlab, float(rmse[i]))
-        else:
-            add("model_accuracy", wlab, float(cm.accuracy[i]))
-            classes = v.entries[i][4]
-            present = np.flatnonzero(cm.present[i])
-            for fam, per, macro in per_class:
-                for c in present:
-                    add(fam, (*wlab, classes[c]), float(per[i, c]))
-                add(fam, (*wlab, "macro"), float(macro[i]))
-        if not v.has_reference[i]:
+    ):
+        cols.extend(fam, labels, per[i, c])
+        cols.extend(fam, macro_labels, macro[cls_idx])
+
+    ref = v.has_reference
+    for name, ref_hist, cur, which in (
+        ("score", v.reference["score"], w.score[:m], ref),
+        ("prediction", v.reference["pred_class"], w.pred_class[:m], ref & classification),
+        ("prediction_value", v.reference["pred_hist"], w.pred_hist[:m], ref & regression),
+    ):
+        idx = np.flatnonzero(which)
+        if not idx.size:
             continue
-        for name in ("score", "prediction_value" if regression else "prediction"):
-            add("model_drift_score", (*wlab, name, "psi"), float(psi[name][i]))
-            add("model_drift_score", (*wlab, name, "js"), float(js[name][i]))
-        features = v.entries[i][5]
-        for f, fname in enumerate(features):
-            if fname:
-                add("model_drift_score", (*wlab, f"feature:{fname}", "psi"), float(fpsi[i, f]))
-                add("model_drift_score", (*wlab, f"feature:{fname}", "js"), float(fjs[i, f]))
-
-
-def _window_label(ms: int) -> str:
-    return format_duration(ms)
-
-
-def _num(q: float) -> str:
-    return repr(q)
+        psi = population_stability_index(ref_hist[idx], cur[idx])
+        js = jensen_shannon_distance(ref_hist[idx], cur[idx])
+        cols.extend("model_drift_score", [(*wlab[j], name, "psi") for j in idx], psi)
+        cols.extend("model_drift_score", [(*wlab[j], name, "js") for j in idx], js)
+    features = [[f"feature:{n}" if n else "" for n in e[5]] for e in v.entries]
+    named = np.array([[bool(n) for n in fs] for fs in features], dtype=bool).reshape(m, -1)
+    mask = named & ref[:, None]
+    if mask.any():
+        fpsi = population_stability_index(v.reference["feat"], w.feat[:m])
+        fjs = jensen_shannon_distance(v.reference["feat"], w.feat[:m])
+        labels, (i, f) = _cells(mvl, features, mask, wl)
+        cols.extend("model_drift_score", [(*x, "psi") for x in labels], fpsi[i, f])
+        cols.extend("model_drift_score", [(*x, "js") for x in labels], fjs[i, f])
 
 
 _W = (*_MV, "window")
