@@ -205,6 +205,19 @@ def load_reference_file(path: str) -> tuple[tuple[str, str, str], ...]:
     return tuple(out)
 
 
+def _dense(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct keys, index of each key in them): np.unique's answer in O(n)
+    when the keys span a small range (a batch touches a few panes), else np.unique."""
+    lo, hi = int(keys.min()), int(keys.max())
+    if hi - lo > 1 << 16:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        return uniq, inverse
+    offset = keys - lo
+    present = np.bincount(offset, minlength=hi - lo + 1) > 0
+    position = np.cumsum(present) - 1
+    return np.flatnonzero(present) + lo, position[offset]
+
+
 def _drift_bin(values: np.ndarray) -> np.ndarray:
     x = (np.arcsinh(values) + _DRIFT_RANGE) * (DRIFT_BINS / (2 * _DRIFT_RANGE))
     bins: np.ndarray = np.clip(x, 0, DRIFT_BINS - 1).astype(np.int64)
@@ -316,8 +329,11 @@ class PartitionState:
         """Global ids for a chunk's model-versions, classes, segments and features."""
         cat = self.catalog
         n_keys = len(chunk.mv_keys)
-        first = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(first, chunk.mv, chunk.event_time_ms)
+        if n_keys == 1:
+            first = np.array([chunk.event_time_ms.min() if len(chunk) else 0], dtype=np.int64)
+        else:
+            first = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, chunk.mv, chunk.event_time_ms)
         gid = np.empty(n_keys, dtype=np.int64)
         is_reg = np.zeros(n_keys, dtype=bool)
         for k, ((model, version), regression) in enumerate(
@@ -332,6 +348,12 @@ class PartitionState:
 
         def remap(codes: np.ndarray, names: list[str], keys: np.ndarray, intern: Any) -> np.ndarray:
             """Chunk-local codes -> per-model-version ids, one intern call per distinct pair."""
+            if n_keys == 1:
+                # One model-version (an envelope): a lookup table, -1 maps to its last slot.
+                if not names:
+                    return np.full(codes.shape[0], -1, dtype=np.int64)
+                table = np.array([intern(int(gid[0]), name) for name in names] + [-1])
+                return np.asarray(table[codes])
             out = np.full(codes.shape[0], -1, dtype=np.int64)
             ok = codes >= 0
             if not ok.any():
@@ -501,9 +523,9 @@ class PartitionState:
         if not keep.any():
             return
         cfg = self.config
-        rows = np.flatnonzero(keep)
+        rows: np.ndarray | slice = slice(None) if keep.all() else np.flatnonzero(keep)
         pane = np.floor_divide(t_all[rows], cfg.pane_ms)
-        panes, u = np.unique(pane, return_inverse=True)
+        panes, u = _dense(pane)
         m = self._capacity
         mv = mv_all[rows]
         um = u * m + mv  # (pane, model-version) cell of each row
@@ -562,7 +584,7 @@ class PartitionState:
         # Features are in long form: (row in batch, feature id, value).
         nf = cfg.limits.max_features
         row_of = np.full(keep.shape[0], -1, dtype=np.int64)
-        row_of[rows] = np.arange(rows.size)
+        row_of[rows] = np.arange(mv.size)
         if feats:
             f_row = np.concatenate([f[0] for f in feats])
             f_id = np.concatenate([f[1] for f in feats])
