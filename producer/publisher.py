@@ -90,6 +90,8 @@ class PredictionPublisher:
         self._block = s.on_full == "block"
         # (model, version) -> True (regression), False (classification), or unknown yet.
         self._kinds: dict[tuple[str, str], bool | str] = {}
+        # (model, version, kind) of the last validated call: the identity fast path.
+        self._last: tuple[Any, Any, bool | str | None] = (None, None, None)
         self._closed = False
         self._closing = False
         self._wake = threading.Event()
@@ -152,11 +154,14 @@ class PredictionPublisher:
         floats for regressors; ``event_time`` is epoch seconds or a datetime (default
         now). Raises ``InvalidEvent`` naming the bad field; never blocks on Kafka.
         """
-        if self._closed:
-            raise PublisherClosed("publish() after close()")
-        code = OUTCOME_CODES.get(outcome)
-        if code is None:
-            raise InvalidEvent("outcome", f"{outcome!r} is not one of {', '.join(OUTCOMES)}")
+        # The common case is checked first and cheaply: outcome "ok", the same model and
+        # version as the previous call (identity), a prediction of the known kind.
+        if outcome == "ok":
+            code = 0
+        else:
+            code = OUTCOME_CODES.get(outcome, -1) if outcome.__class__ is str else -1
+            if code < 0:
+                raise InvalidEvent("outcome", f"{outcome!r} is not one of {', '.join(OUTCOMES)}")
         try:
             if not 0.0 <= latency_seconds < _INF:
                 raise InvalidEvent(
@@ -169,16 +174,20 @@ class PredictionPublisher:
                 "latency_seconds" if score is None else "latency_seconds/score",
                 "must be a number",
             ) from None
-        key = (model, version)
-        kind = self._kinds.get(key)
-        if (
-            kind is None
-            or kind is _UNKNOWN_KIND
-            or (prediction is not None and isinstance(prediction, float) is not kind)
-            or (label is not None and isinstance(label, float) is not kind)
-            or (prediction.__class__ is str and len(prediction) > self._max_len)
+        last = self._last
+        kind = last[2] if last[0] is model and last[1] is version else None
+        pc = prediction.__class__
+        if kind is False:
+            fast = (
+                (pc is str and len(prediction) <= self._max_len) or prediction is None or pc is int
+            )
+        else:
+            fast = kind is True and (pc is float or prediction is None)
+        if not fast or (
+            label is not None
+            and (label.__class__ is not pc or (pc is str and len(label) > self._max_len))
         ):
-            self._check(key, prediction, label)
+            self._check((model, version), prediction, label)
         if segment is not None and (segment.__class__ is not str or len(segment) > self._max_len):
             raise InvalidEvent("segment", f"must be a str of at most {self._max_len} chars")
         if features is not None:
@@ -200,7 +209,7 @@ class PredictionPublisher:
         )
         queue = self._queue
         n = len(queue)
-        if n >= self._limit:
+        if n >= self._limit:  # also taken once closed (the limit drops to -1)
             return self._full(row)
         queue.append(row)
         if n >= self._wake_at and not self._wake.is_set():
@@ -240,6 +249,8 @@ class PredictionPublisher:
             else:
                 raise InvalidEvent(name, f"must be str, int or float, got {type(value).__name__}")
         self._kinds[key] = kind
+        if kind is not _UNKNOWN_KIND:
+            self._last = (model, version, kind)
 
     def _check_features(self, features: Mapping[str, float]) -> None:
         if len(features) > self._max_features:
@@ -251,6 +262,8 @@ class PredictionPublisher:
                 raise InvalidEvent("features", f"{name}: must be a number, got {value!r}")
 
     def _full(self, row: tuple[Any, ...]) -> bool:
+        if self._closed:
+            raise PublisherClosed("publish() after close()")
         if self._block:
             deadline = time.monotonic() + self.settings.block_timeout_seconds
             self._wake.set()
@@ -444,6 +457,7 @@ class PredictionPublisher:
         if self._closed:
             return self.stats()
         self._closed = True
+        self._limit = -1  # publish() now takes its slow path, which raises
         self._closing = True
         self._wake.set()
         self._thread.join(timeout_seconds)
