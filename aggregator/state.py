@@ -39,6 +39,8 @@ N_OUTCOMES: Final = 5  # ok, error, timeout, rejected, unknown (schemas.wire.OUT
 OK: Final = 0
 _VALID_OUTCOMES: Final = 4  # codes >= 4 ("unknown" or newer) are rejected
 DRIFT_BINS: Final = 64
+RESOURCE_TTL_MS: Final = 600_000  # an instance silent this long (event time) is dropped
+MAX_INSTANCES: Final = 256  # resource series per partition
 _DRIFT_RANGE: Final = 8.0  # asinh space: |x| up to ~1490 gets its own bins
 
 # Row-level reasons a prediction is rejected (dead-lettered); order is the code.
@@ -491,6 +493,8 @@ class PartitionState:
         keep = valid & ~late & is_row
         self._bin(keep, mv, t, lat, out, score, c, feats)
         self._close(closed_panes(self.max_event_ms, cfg.lateness_ms, cfg.pane_ms))
+        if self.resources:
+            self._prune_resources()
 
         bad = reason >= 0
         if bad.any():
@@ -503,6 +507,22 @@ class PartitionState:
         self.events_accepted += accepted
         self.version += 1
         return IngestResult(c["off"][bad], reason[bad], accepted)
+
+    def _prune_resources(self) -> None:
+        """Forget instances silent for RESOURCE_TTL_MS of event time; keep at most
+        MAX_INSTANCES (the most recent), so pod churn cannot grow the series."""
+        horizon = self.max_event_ms - RESOURCE_TTL_MS
+        live = sorted(
+            (
+                (int(r["event_time_ms"]), k)
+                for k, r in self.resources.items()
+                if int(r["event_time_ms"]) >= horizon
+            ),
+            reverse=True,
+        )[:MAX_INSTANCES]
+        if len(live) != len(self.resources):
+            keep = {k for _, k in live}
+            self.resources = {k: r for k, r in self.resources.items() if k in keep}
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
         """Count messages rejected before ingest (undecodable and the like)."""
