@@ -131,6 +131,9 @@ class Shard:
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
             "max.partition.fetch.bytes": 8 * 1024 * 1024,
+            # Bound librdkafka's prefetch (default 64 MiB) so memory does not scale with
+            # how far behind the shard is.
+            "queued.max.messages.kbytes": 16 * 1024,
             **s.kafka,
         }
         self.consumer = Consumer(consumer_conf, logger=log)
@@ -155,7 +158,7 @@ class Shard:
             "max.partition.fetch.bytes": _STATE_MAX_BYTES * 2,
             **s.kafka,
         }
-        self._admin = AdminClient(base)
+        self._admin = AdminClient({**base, "logger": log})
 
     # -- topics ------------------------------------------------------------------------
 
@@ -380,10 +383,13 @@ class Shard:
         read = self.resolver.read
         rows = 0
 
-        def flush(next_offset: int) -> None:
+        def flush(filled: int) -> None:
+            """Ingest what is pending; ``filled`` messages of ``offsets`` are set so far."""
             if len(builder):
                 items.append(builder.build())
-            result = state.ingest(items, offsets, stamps, next_offset=next_offset)
+            result = state.ingest(
+                items, offsets[:filled], stamps[:filled], next_offset=int(offsets[filled - 1]) + 1
+            )
             items.clear()
             if result.offsets.size:
                 uniq, first, counts = np.unique(
@@ -426,9 +432,9 @@ class Shard:
                 state.count_rejected(exc.reason)
                 dead.append((m, exc.reason, exc.detail, 1))
             if rows >= _ROWS_PER_INGEST:
-                flush(off + 1)
+                flush(i + 1)
                 rows = 0
-        flush(msgs[-1].offset() + 1)
+        flush(len(msgs))
         for m, reason, detail, n in dead:
             self._dead_letter(m, reason, detail, n)
 

@@ -142,7 +142,7 @@ def slices(events: int, rate: float, seed: int = 3) -> Iterator[list[tuple[str, 
 def prefill(
     bootstrap: str, topics: dict[str, str], events: int, rate: float, seed: int = 3
 ) -> dict[str, int]:
-    """Write the stream to the topics named (``envelopes`` and/or ``events``); messages per topic."""
+    """Write the stream to the topics named (``envelopes``, ``events``); messages per topic."""
     from confluent_kafka import Producer  # noqa: PLC0415
 
     from producer.encode import encode_batch, encode_event  # noqa: PLC0415
@@ -267,6 +267,7 @@ def child_ours(args: argparse.Namespace, profiler: Any) -> dict[str, Any]:
         http_port=0,
         batch_size=args.batch_size,
         shard_id="bench",
+        kafka=json.loads(args.kafka),
     )
     shard = Shard(settings)  # the HTTP server and render thread are only started by run()
     consumer = shard.consumer
@@ -335,7 +336,10 @@ def child_naive(args: argparse.Namespace, profiler: Any) -> dict[str, Any]:
         "inference_predictions", "Predictions", [*labels, "outcome"], registry=registry
     )
     confusion = Counter(
-        "inference_confusion", "Confusion cells", [*labels, "label", "prediction"], registry=registry
+        "inference_confusion",
+        "Confusion cells",
+        [*labels, "label", "prediction"],
+        registry=registry,
     )
     error = Histogram(
         "inference_error", "Prediction - label", labels, buckets=cfg.error_bounds, registry=registry
@@ -501,7 +505,11 @@ def child_main(args: argparse.Namespace) -> int:
     if args.profile_to:
         import cProfile  # noqa: PLC0415
 
-        profiler = cProfile.Profile()
+        # ours/batched mostly waits inside consume(): profile CPU time (all threads) so
+        # waiting does not count; ours/per-event is CPU-bound, and the wall timer is far
+        # cheaper per call (millions of calls there).
+        cpu_timer = args.child == "ours_batched"
+        profiler = cProfile.Profile(time.process_time) if cpu_timer else cProfile.Profile()
     out = CHILDREN[args.child](args, profiler)
     out["rss_peak_mb"] = _rss_mb()
     out["pinned"] = pinned
@@ -529,7 +537,9 @@ def spawn(path: str, topic: str, events: int, args: argparse.Namespace, **extra:
         "--cpu",
         str(args.cpu),
         "--batch-size",
-        str(args.batch_size),
+        str(extra.get("batch_size", args.batch_size)),
+        "--kafka",
+        args.kafka,
         "--group",
         run_id(),
     ]
@@ -587,20 +597,19 @@ def calibrate(core: int, n: int = 20_000) -> float:
     return median(times)
 
 
-def profile_report(path: Path, top: int = 10) -> str:
+def profile_report(paths: list[Path], top: int = 10) -> str:
     """Top functions by own time (tottime), with their share of the profiled total."""
     import pstats  # noqa: PLC0415
 
-    stats = pstats.Stats(str(path))
+    stats = pstats.Stats(*(str(p) for p in paths))
     total = stats.total_tt  # type: ignore[attr-defined]
     entries = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
     rows = []
     for (file, line, func), (_cc, nc, tt, ct, _callers) in entries[:top]:
         where = func if file == "~" else f"{Path(file).name}:{line}({func})"
         rows.append([where, f"{nc:,}", f"{tt:.3f}", f"{100 * tt / total:.1f}%", f"{ct:.3f}"])
-    return (
-        f"profile total {total:.3f} s (cProfile overhead included)\n"
-        + table(["function", "calls", "tottime s", "share", "cumtime s"], rows)
+    return f"profile total {total:.3f} s (cProfile overhead included)\n" + table(
+        ["function", "calls", "tottime s", "share", "cumtime s"], rows
     )
 
 
@@ -636,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="one extra cProfile'd run of ours/batched and ours/per-event; top 10 by tottime",
+        help="extra cProfile'd runs of ours/batched and ours/per-event (those in --paths); "
+        "top 10 by tottime",
     )
     parser.add_argument(
         "--event-rate", type=float, default=10_000.0, help="events per second of event time"
@@ -646,6 +656,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--cpu", type=int, default=default_core(), help="core for the children (-1: unpinned)"
+    )
+    parser.add_argument(
+        "--kafka",
+        default="{}",
+        metavar="JSON",
+        help="extra librdkafka settings for ours/* (AggregatorSettings.kafka), e.g. "
+        "'{\"queued.max.messages.kbytes\": 16384}'",
+    )
+    parser.add_argument(
+        "--rss-batch-sizes",
+        default=None,
+        help="comma-separated consume() batch sizes for the RSS check (default: --batch-size)",
     )
     parser.add_argument("--child-timeout", type=float, default=900.0, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="also write results to this dir")
@@ -700,9 +722,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  run {r + 1}/{repeats} {LABELS[p]:38s} {describe(res)}")
 
     def med(p: str, key: str) -> float:
-        vals = [x["events"] / x[key] for x in results[p]] if key in ("cpu_s", "wall_s") else [
-            x[key] for x in results[p]
-        ]
+        vals = (
+            [x["events"] / x[key] for x in results[p]]
+            if key in ("cpu_s", "wall_s")
+            else [x[key] for x in results[p]]
+        )
         return median(vals)
 
     kv: dict[str, str] = {"agg_events": str(events), "agg_repeats": str(repeats)}
@@ -772,37 +796,54 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rss_check:
         say()
-        say(f"# RSS check: ours/batched on {rss_small:,} and {10 * rss_small:,} events")
         sizes = {"small": rss_small, "large": 10 * rss_small}
         rss_topics = {}
         for name, n in sizes.items():
             rss_topics[name] = create_topic(args.bootstrap, f"bench-agg-rss-{name}-{rid}")
             prefill(args.bootstrap, {"envelopes": rss_topics[name]}, n, args.event_rate, seed=5)
-        peaks: dict[str, list[float]] = {"small": [], "large": []}
-        for r in range(repeats):
-            for name, n in sizes.items():
-                res = spawn("ours_batched", rss_topics[name], n, args)
-                peaks[name].append(res["rss_peak_mb"])
-                say(f"  run {r + 1}/{repeats} ours/batched {n:>10,} events  {describe(res)}")
-        small, large = median(peaks["small"]), median(peaks["large"])
-        say(
-            f"peak RSS: {small:.0f} MB at {rss_small:,} events, {large:.0f} MB at "
-            f"{10 * rss_small:,} events: ratio {large / small:.2f}"
-        )
-        kv["agg_rss_small_events"] = str(rss_small)
-        kv["agg_rss_small_mb"] = f"{small:.1f}"
-        kv["agg_rss_large_mb"] = f"{large:.1f}"
-        kv["agg_rss_ratio_10x"] = f"{large / small:.2f}"
+        batch_sizes = [int(b) for b in (args.rss_batch_sizes or str(args.batch_size)).split(",")]
+        for bs in batch_sizes:
+            say(
+                f"# RSS check: ours/batched on {rss_small:,} and {10 * rss_small:,} events, "
+                f"consume() batches of {bs} messages (up to {bs * ENVELOPE_ROWS:,} rows)"
+            )
+            peaks: dict[str, list[float]] = {"small": [], "large": []}
+            for r in range(repeats):
+                for name, n in sizes.items():
+                    res = spawn("ours_batched", rss_topics[name], n, args, batch_size=bs)
+                    peaks[name].append(res["rss_peak_mb"])
+                    say(f"  run {r + 1}/{repeats} ours/batched {n:>10,} events  {describe(res)}")
+            small, large = median(peaks["small"]), median(peaks["large"])
+            say(
+                f"peak RSS: {small:.0f} MB at {rss_small:,} events, {large:.0f} MB at "
+                f"{10 * rss_small:,} events: ratio {large / small:.2f}"
+            )
+            suffix = "" if bs == args.batch_size else f"_batch{bs}"
+            kv[f"agg_rss_small_events{suffix}"] = str(rss_small)
+            kv[f"agg_rss_small_mb{suffix}"] = f"{small:.1f}"
+            kv[f"agg_rss_large_mb{suffix}"] = f"{large:.1f}"
+            kv[f"agg_rss_ratio_10x{suffix}"] = f"{large / small:.2f}"
 
     if args.profile:
-        prof_dir = args.out or Path(tempfile.mkdtemp(prefix="bench-prof-"))
-        prof_dir.mkdir(parents=True, exist_ok=True)
-        for p in ("ours_batched", "ours_event"):
-            target = prof_dir / f"profile_{p}.pstats"
-            res = spawn(p, topics[TOPIC_OF[p]], events, args, profile_to=target)
+        prof_dir = Path(tempfile.mkdtemp(prefix="bench-prof-"))
+        for p in [q for q in ("ours_batched", "ours_event") if q in paths]:
+            # The batched runs are short: add up several so one hiccup does not decide.
+            runs = repeats if p == "ours_batched" else 1
+            targets = [prof_dir / f"profile_{p}_{i}.pstats" for i in range(runs)]
+            head = [f"# cProfile of {LABELS[p]} ({runs} run(s) of {events:,} events, "]
+            head[0] += "CPU-time timer)" if p == "ours_batched" else "wall-clock timer)"
+            for target in targets:
+                res = spawn(p, topics[TOPIC_OF[p]], events, args, profile_to=target)
+                head.append(f"#   profiled run: {describe(res)}")
             say()
-            say(f"# cProfile of {LABELS[p]} (one run, {events:,} events): {describe(res)}")
-            say(profile_report(target))
+            for line in head:
+                say(line)
+            say(profile_report(targets))
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / f"profile_{p}.txt").write_text(
+                    "\n".join(head) + "\n" + profile_report(targets, top=30) + "\n"
+                )
 
     say()
     for k, v in kv.items():

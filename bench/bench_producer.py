@@ -16,8 +16,10 @@ Three ways of recording N predictions, same inputs, same broker, same run:
 Two numbers per path: ``wall`` is what the caller sees, the wall time of the publish
 loop / N (the flusher thread steals GIL time from it, which counts); ``cpu`` is the
 process CPU time (all threads, librdkafka's included) from the first call until
-everything is acknowledged by the broker (``close()``/``flush()``), / N. The loop
-overhead (the same loop calling a no-op) is reported, not subtracted.
+everything is acknowledged by the broker (``close()``/``flush()``), / N. Also shown:
+the wall time of that ``close()``/``flush()`` / N (for ``publish_only``: encoding and
+sending everything after the loop). The loop overhead (the same loop calling a no-op)
+is reported, not subtracted.
 
     python bench/bench_producer.py --bootstrap 127.0.0.1:49192
     python bench/bench_producer.py --events 50000 --repeats 3
@@ -126,12 +128,15 @@ def run_publisher(
     gc.collect()
     cpu0 = time.process_time()
     wall = _loop(pub.publish, inputs)
+    closing = time.perf_counter()
     stats = pub.close(120)
+    close = time.perf_counter() - closing
     cpu = time.process_time() - cpu0
     n = len(inputs)
     return {
         "wall_us": wall / n * 1e6,
         "cpu_us": cpu / n * 1e6,
+        "close_us": close / n * 1e6,
         "sent": stats.sent - 1,
         "dropped": stats.dropped,
         "failed": stats.failed,
@@ -194,12 +199,15 @@ def run_naive(bootstrap: str, topic: str, inputs: Inputs) -> dict[str, float]:
     gc.collect()
     cpu0 = time.process_time()
     wall = _loop(publish, inputs)
+    closing = time.perf_counter()
     left = producer.flush(120)
+    close = time.perf_counter() - closing
     cpu = time.process_time() - cpu0
     n = len(inputs)
     return {
         "wall_us": wall / n * 1e6,
         "cpu_us": cpu / n * 1e6,
+        "close_us": close / n * 1e6,
         "sent": counts["sent"] - 1,
         "dropped": 0,
         "failed": counts["failed"],
@@ -236,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = make_inputs(args.events)
     print(f"# bench_producer: {machine_line()}")
     print(
-        f"# events={args.events} repeats={args.repeats} pinned={pinned} "
-        f"bootstrap={args.bootstrap}",
+        f"# events={args.events} repeats={args.repeats} pinned={pinned} bootstrap={args.bootstrap}",
         flush=True,
     )
 
@@ -256,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             results[p].append(res)
             print(
                 f"  run {r + 1}/{args.repeats} {p:8s} wall {res['wall_us']:.3f} us/call  "
-                f"cpu {res['cpu_us']:.3f} us/event  sent {res['sent']:.0f} "
+                f"cpu {res['cpu_us']:.3f} us/event  close/flush {res['close_us']:.3f} us/event  "
+                f"sent {res['sent']:.0f} "
                 f"dropped {res['dropped']:.0f} failed {res['failed']:.0f}",
                 flush=True,
             )
 
-    med = {
-        p: {k: median(x[k] for x in results[p]) for k in ("wall_us", "cpu_us")} for p in paths
-    }
+    keys = ("wall_us", "cpu_us", "close_us")
+    med = {p: {k: median(x[k] for x in results[p]) for k in keys} for p in paths}
     rows = []
     for p in paths:
         runs = results[p]
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{min(x['wall_us'] for x in runs):.3f}-{max(x['wall_us'] for x in runs):.3f}",
                 f"{med[p]['cpu_us']:.3f}",
                 f"{min(x['cpu_us'] for x in runs):.3f}-{max(x['cpu_us'] for x in runs):.3f}",
+                f"{med[p]['close_us']:.3f}",
                 f"{sum(x['sent'] for x in runs):.0f}/{len(runs) * args.events}",
                 f"{sum(x['dropped'] for x in runs):.0f}",
                 f"{sum(x['failed'] for x in runs):.0f}",
@@ -288,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 "range",
                 "cpu us/event (median)",
                 "range",
+                "close/flush wall us/event",
                 "acked",
                 "dropped",
                 "failed",
@@ -295,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
-    print(f"\nloop overhead (same loop calling a no-op): {median(noop):.3f} us/call (included above)")
+    print(f"\nloop overhead (the same loop calling a no-op): {median(noop):.3f} us/call, included")
 
-    kv: dict[str, str] = {"producer_events": str(args.events), "producer_repeats": str(args.repeats)}
+    kv: dict[str, str] = {"producer_events": str(args.events)}
+    kv["producer_repeats"] = str(args.repeats)
     kv["producer_loop_overhead_us"] = f"{median(noop):.3f}"
     for p in paths:
         kv[f"producer_{p}_wall_us"] = f"{med[p]['wall_us']:.3f}"
         kv[f"producer_{p}_cpu_us"] = f"{med[p]['cpu_us']:.3f}"
+        kv[f"producer_{p}_close_us"] = f"{med[p]['close_us']:.3f}"
         kv[f"producer_{p}_dropped"] = f"{sum(x['dropped'] for x in results[p]):.0f}"
         kv[f"producer_{p}_failed"] = f"{sum(x['failed'] for x in results[p]):.0f}"
     if "naive" in paths:

@@ -106,7 +106,10 @@ class PredictionPublisher:
 
         self._batch_id, self._event_id, self._heartbeat_id = self._schema_ids(s)
         # librdkafka's own log lines go to Python logging, not to the service's stderr.
-        self._producer = Producer(s.kafka_config(), logger=log)
+        config = s.kafka_config()
+        self._producer = Producer(config, logger=log)
+        # Stay under the broker's default 1 MB message limit unless told otherwise.
+        self._max_message_bytes = int(int(config.get("message.max.bytes", 1_000_000)) * 0.9)
         self._topic = s.topic
         self._thread = threading.Thread(target=self._run, name="modelpulse-flusher", daemon=True)
         self._thread.start()
@@ -363,27 +366,30 @@ class PredictionPublisher:
         key = model.encode()
         try:
             if s.mode == "batch":
-                values = [
-                    encode_batch(
-                        rows, service=s.service, instance=s.instance, schema_id=self._batch_id
+                pending = [rows]
+                while pending:
+                    part = pending.pop()
+                    value = encode_batch(
+                        part, service=s.service, instance=s.instance, schema_id=self._batch_id
                     )
-                ]
-                counts = [len(rows)]
-            else:
-                values = [
-                    encode_event(
-                        r, service=s.service, instance=s.instance, schema_id=self._event_id
-                    )
-                    for r in rows
-                ]
-                counts = [1] * len(rows)
+                    if len(value) > self._max_message_bytes and len(part) > 1:
+                        # Wide rows (many features, long ids): halve until it fits.
+                        half = len(part) // 2
+                        pending += [part[half:], part[:half]]
+                        continue
+                    self._produce(key, value, len(part))
+                return
+            values = [
+                encode_event(r, service=s.service, instance=s.instance, schema_id=self._event_id)
+                for r in rows
+            ]
         except Exception:
             log.exception("modelpulse could not encode %d events of %s", len(rows), model)
             with self._count_lock:
                 self._failed += len(rows)
             return
-        for value, count in zip(values, counts, strict=True):
-            self._produce(key, value, count)
+        for value in values:
+            self._produce(key, value, 1)
 
     def _produce(self, key: bytes, value: bytes, count: int) -> None:
         callback = partial(self._delivered, count)

@@ -536,3 +536,47 @@ def test_changed_config_refuses_the_snapshot_unless_rebuilding(
     wait_until(
         lambda: total(rebuilt.scrape(), "modelpulse_events_total") == 10, 60, "rebuilt", [rebuilt]
     )
+
+
+def test_a_backlog_larger_than_one_ingest_is_counted_exactly(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    shard_factory: Callable[..., ShardProcess],
+) -> None:
+    """A shard that starts behind gets huge consumed batches, ingested in bounded groups."""
+    from confluent_kafka import Producer
+
+    topic = topic_factory("backlog")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 50})
+    n_env, rows_per = 40, 5000  # 200k rows: several ingest groups in one batch
+    for e in range(n_env):
+        rows = [
+            Row(
+                "m",
+                "v1",
+                T0_MS / 1000 + (e * rows_per + i) / 1e4,
+                0.01,
+                0,
+                "a",
+                0.5,
+                "b",
+                None,
+                None,
+                "",
+            )
+            for i in range(rows_per)
+        ]
+        producer.produce(topic, encode_batch(rows), b"m")
+    assert producer.flush(30) == 0
+    send_markers(kafka_bootstrap, topic, 1, T0_MS + 60_000)
+    shard = shard_factory(topic)
+    s = wait_until(
+        lambda: (
+            (x := shard.scrape()) and total(x, "modelpulse_events_total") == n_env * rows_per and x
+        ),
+        90,
+        "the backlog counted",
+        [shard],
+    )
+    assert total(s, "model_confusion_total", actual="b", predicted="a") == n_env * rows_per
+    assert total(s, "modelpulse_late_events_total") == 0

@@ -301,3 +301,20 @@ def test_settings_errors_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("MODELPULSE_KAFKA", '{"client.id": "svc-7"}')
     s = PublisherSettings()
     assert s.mode == "event" and s.kafka_config()["client.id"] == "svc-7"
+
+
+def test_wide_envelopes_are_split_to_fit_the_message_limit(
+    kafka_bootstrap: str, topic_factory: Callable[..., str]
+) -> None:
+    topic = topic_factory("wide")
+    features = {f"feature_{i}": float(i) for i in range(30)}
+    with _publisher(
+        kafka_bootstrap, topic, batch_max_events=20_000, max_features=30, linger_seconds=5.0
+    ) as pub:
+        for i in range(20_000):
+            pub.publish("m", "v", 0.01, prediction="a", features=features, event_time=T0 + i)
+    stats = pub.stats()
+    assert stats.sent == 20_000 and stats.failed == 0
+    msgs = consume_all(kafka_bootstrap, topic)
+    assert len(msgs) > 1 and all(len(m.value() or b"") < 1_000_000 for m in msgs)
+    assert len(_decode_all([m.value() for m in msgs])) == 20_000  # type: ignore[misc]
