@@ -56,8 +56,7 @@ def kafka_bootstrap() -> Iterator[str]:
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    status = kafka_script("status", "--name", TEST_CLUSTER)
-    already = "running (pid" in status
+    already = cluster_running(TEST_CLUSTER)
     bootstrap = start_local_cluster(TEST_CLUSTER, TEST_PORT)
     try:
         yield bootstrap

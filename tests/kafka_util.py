@@ -32,6 +32,18 @@ def kafka_script(*args: str, timeout: float = 180.0) -> str:
     return proc.stdout
 
 
+def cluster_running(name: str) -> bool:
+    """Whether scripts/kafka.sh has a live cluster of that name (status exits 0)."""
+    proc = subprocess.run(
+        ["bash", str(KAFKA_SH), "status", "--name", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
 def start_local_cluster(name: str, port: int, brokers: int = 1) -> str:
     out = kafka_script("start", "--name", name, "--port", str(port), "--brokers", str(brokers))
     match = re.search(r"^bootstrap=(\S+)$", out, re.MULTILINE)
@@ -127,6 +139,7 @@ def env_flag(name: str) -> bool:
 
 __all__ = [
     "KafkaException",
+    "cluster_running",
     "consume_all",
     "create_topic",
     "docker_available",
