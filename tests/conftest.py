@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kafka_util import (
+    cluster_running,
     create_topic,
     docker_available,
     kafka_script,
