@@ -56,6 +56,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--first-shard-port", type=int, default=9464)
     p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between summaries")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="PATH",
+        help="at the end, write a PNG of the key dashboard panels (demo/report.py) to PATH",
+    )
     return p.parse_args(argv)
 
 
@@ -128,6 +134,21 @@ def _summary(samples: Any, elapsed: float) -> str:
         f" shards: {len(owned)} partitions owned, lag {lag:.0f} msgs, dead-lettered {dead:.0f}"
     )
     return "\n".join(lines)
+
+
+def _write_report(prometheus_url: str, path: Path, fleet: Fleet) -> None:
+    """The PNG of demo/report.py over the whole run, incidents marked (before shutdown)."""
+    from demo.report import ReportError, write_report  # noqa: PLC0415 - matplotlib is dev-only
+
+    markers = {f"{i.model} {i.kind}": fleet.start_time + i.start_s for i in fleet.incidents}
+    try:
+        out = write_report(
+            prometheus_url, path, minutes=fleet.elapsed() / 60 + 0.5, markers=markers
+        )
+    except (ReportError, ImportError) as exc:
+        print(f"demo: no report: {exc}", file=sys.stderr)
+        return
+    print(f"demo: report written to {out}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(_summary(_scrape(ports), fleet.elapsed()), flush=True)
             time.sleep(0.2)
     finally:
+        if args.report and prometheus_url:
+            _write_report(prometheus_url, args.report, fleet)
         print("\ndemo: stopping fleet, shards, Prometheus and Kafka ...", flush=True)
         fleet.stop()
         stats = fleet.publisher.stats()

@@ -31,11 +31,12 @@ class Incident:
         return self.start_s <= t < self.end_s
 
 
+# Long enough to hold through the alerts' 5m rate windows and `for:` durations.
 INCIDENTS = (
     Incident("fraud-detector", "accuracy_drop", 120, 1e9),
     Incident("intent-router", "drift", 180, 1e9),
-    Incident("eta-minutes", "latency_spike", 240, 300),
-    Incident("churn-predictor", "error_burst", 300, 330),
+    Incident("eta-minutes", "latency_spike", 240, 900),
+    Incident("churn-predictor", "error_burst", 300, 900),
 )
 
 
@@ -59,10 +60,10 @@ class SimulatedModel:
         }
         latency = float(rng.lognormal(math.log(self.latency_median_s), 0.35))
         if "latency_spike" in kinds:
-            latency *= 25  # p99 well past the 0.5 s SLO: the alert fires
+            latency *= 40  # p99 well past the 0.5 s SLO: the alert fires
         outcome = "ok"
         r = rng.random()
-        if r < (0.3 if "error_burst" in kinds else 0.005):
+        if r < (0.25 if "error_burst" in kinds else 0.005):
             outcome = "error"
         elif r < 0.008:
             outcome = "timeout"
@@ -82,7 +83,7 @@ class SimulatedModel:
         # Drift moves the true class mix toward the last class.
         p = np.full(k, 1.0 / k) if not shift else np.r_[np.full(k - 1, 0.5 / (k - 1)), 0.5]
         truth_i = int(rng.choice(k, p=p))
-        acc = 0.6 if "accuracy_drop" in kinds else self.accuracy
+        acc = 0.45 if "accuracy_drop" in kinds else self.accuracy
         pred_i = truth_i if rng.random() < acc else int(rng.integers(k))
         score = float(np.clip(rng.beta(8, 2) if pred_i == truth_i else rng.beta(3, 3), 0, 1))
         if outcome == "ok":
