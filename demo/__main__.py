@@ -136,6 +136,25 @@ def _summary(samples: Any, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def _alerts(prometheus_url: str | None) -> str:
+    """Firing (and pending) alerts from Prometheus' API, one line."""
+    if not prometheus_url:
+        return " alerts: Prometheus not started"
+    try:
+        with urllib.request.urlopen(f"{prometheus_url}/api/v1/alerts", timeout=2) as r:
+            alerts = json.loads(r.read())["data"]["alerts"]
+    except (OSError, ValueError, KeyError):
+        return " alerts: Prometheus not answering yet"
+    if not alerts:
+        return " alerts: none firing"
+    parts = sorted(
+        f"{a['labels'].get('alertname')}[{a['labels'].get('model', a['labels'].get('reason', ''))}]"
+        + ("" if a.get("state") == "firing" else " (pending)")
+        for a in alerts
+    )
+    return " alerts: " + ", ".join(parts)
+
+
 def _write_report(prometheus_url: str, path: Path, fleet: Fleet) -> None:
     """The PNG of demo/report.py over the whole run, incidents marked (before shutdown)."""
     from demo.report import ReportError, write_report  # noqa: PLC0415 - matplotlib is dev-only
@@ -160,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     print("demo: starting Kafka (KRaft) ...", flush=True)
+    # Each run starts from empty topics: state from an older run (or an older version
+    # of the aggregator's config) is not this demo's business.
+    _sh("scripts/kafka.sh", "clean", "--name", "demo")
+    if not args.no_prometheus:
+        _sh("scripts/prometheus.sh", "clean", "--name", "demo")
     out = _sh("scripts/kafka.sh", "start", "--name", "demo", "--port", str(args.kafka_port))
     match = re.search(r"^bootstrap=(\S+)$", out, re.MULTILINE)
     assert match is not None
@@ -239,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() >= next_summary:
                 next_summary += args.interval
                 print(_summary(_scrape(ports), fleet.elapsed()), flush=True)
+                print(_alerts(prometheus_url), flush=True)
             time.sleep(0.2)
     finally:
         if args.report and prometheus_url:
