@@ -53,6 +53,8 @@ _STATE_MAX_BYTES = 64 * 1024 * 1024
 # Rows per ingest call: large enough to amortise per-call costs, small enough that
 # the per-row temporaries stay in cache and memory does not grow with the batch.
 _ROWS_PER_INGEST = 65_536
+# Message bytes per consumed batch (see Shard.process_batch).
+_BATCH_BYTES = 16 * 1024 * 1024
 
 
 def _snapshot_key(topic: str, partition: int) -> bytes:
@@ -117,6 +119,7 @@ class Shard:
         self._last_render = 0.0
         self._last_snapshot = time.monotonic()
         self._delivery_errors = 0
+        self.batch_limit = s.batch_size  # messages per consume(); adapted to their size
         base = s.kafka_config()
         consumer_conf = {
             **base,
@@ -520,6 +523,39 @@ class Shard:
         )
         self._renderer.submit(views, health)
 
+    def process_batch(self, msgs: list[Message]) -> None:
+        """Route one consumed batch to its partitions' states (what ``run`` does per poll).
+
+        Also adapts ``batch_limit`` so that one batch holds about ``_BATCH_BYTES`` of
+        message values: envelopes are ~1000x larger than single events, and a count
+        limit alone would let memory grow with the backlog.
+        """
+        start = time.perf_counter()
+        by_partition: dict[int, list[Message]] = {}
+        nbytes = 0
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
+                continue
+            p = m.partition()
+            state = self.states.get(p)
+            # Skip what the state already holds (a seek can re-deliver).
+            if state is None or m.offset() < state.next_offset:
+                continue
+            nbytes += len(m)
+            by_partition.setdefault(p, []).append(m)
+        for p, part_msgs in by_partition.items():
+            self._process(p, self.states[p], part_msgs)
+        if msgs:
+            self.health.batches += 1
+            self.health.messages += len(msgs)
+            self.health.batch_seconds_sum += time.perf_counter() - start
+            if nbytes:
+                wanted = len(msgs) * _BATCH_BYTES // nbytes
+                self.batch_limit = max(16, min(self.settings.batch_size, wanted))
+
     def stop(self) -> None:
         """Ask the loop to finish: final snapshots, commit, leave the group."""
         self._stop.set()
@@ -546,27 +582,8 @@ class Shard:
         self.server.set_ready(True)
         try:
             while not self._stop.is_set():
-                msgs = self.consumer.consume(s.batch_size, 0.1)
-                start = time.perf_counter()
-                by_partition: dict[int, list[Message]] = {}
-                for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("consume error: %s", err)
-                        continue
-                    p = m.partition()
-                    state = self.states.get(p)
-                    # Skip what the state already holds (a seek can re-deliver).
-                    if state is None or m.offset() < state.next_offset:
-                        continue
-                    by_partition.setdefault(p, []).append(m)
-                for p, part_msgs in by_partition.items():
-                    self._process(p, self.states[p], part_msgs)
-                if msgs:
-                    self.health.batches += 1
-                    self.health.messages += len(msgs)
-                    self.health.batch_seconds_sum += time.perf_counter() - start
+                msgs = self.consumer.consume(self.batch_limit, 0.1)
+                self.process_batch(msgs)
                 self.producer.poll(0)
                 now = time.monotonic()
                 if now - self._last_snapshot >= s.snapshot_interval_seconds:

@@ -13,7 +13,7 @@ from the beginning; CPU is the child's process time (all threads, librdkafka's t
 peak RSS its ``ru_maxrss``:
 
 * ``ours/batched``, ``ours/per-event``: a real ``aggregator.shard.Shard`` (its
-  consumer, settings and resolver) whose ``_process()`` runs on every consumed batch;
+  consumer, settings and resolver) whose ``process_batch()`` runs on every consumed batch;
   the consume loop is ``Shard.run``'s body without the time-driven work (snapshots,
   markers, /metrics rendering), with ``batch_size``/timeout as in ``Shard.run``;
 * ``naive``: hand-written per event: fastavro ``schemaless_reader`` then
@@ -250,7 +250,6 @@ def _assign(consumer: Any, topic: str) -> None:
 
 
 def child_ours(args: argparse.Namespace, profiler: Any) -> dict[str, Any]:
-    from confluent_kafka import KafkaError, Message  # noqa: PLC0415
 
     from aggregator.settings import AggregatorSettings  # noqa: PLC0415
     from aggregator.shard import Shard  # noqa: PLC0415
@@ -280,24 +279,10 @@ def child_ours(args: argparse.Namespace, profiler: Any) -> dict[str, Any]:
     if profiler is not None:
         profiler.enable()
     _assign(consumer, topic)
-    states = shard.states
     while state.next_offset < high:
-        msgs = meter.consume(consumer, settings.batch_size)
-        # From here to the end of the loop body: Shard.run's per-batch work.
-        by_partition: dict[int, list[Message]] = {}
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"consume error: {err}")
-                continue
-            p = m.partition()
-            st = states.get(p)
-            if st is None or m.offset() < st.next_offset:
-                continue
-            by_partition.setdefault(p, []).append(m)
-        for p, part_msgs in by_partition.items():
-            shard._process(p, states[p], part_msgs)
+        msgs = meter.consume(consumer, shard.batch_limit)
+        # Shard.run's per-batch work, the very method it calls.
+        shard.process_batch(msgs)
         if msgs:
             batches += 1
     if profiler is not None:
