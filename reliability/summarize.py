@@ -62,10 +62,11 @@ def _outage(d: dict[str, Any]) -> list[str]:
 
 
 def _bad(d: dict[str, Any]) -> list[str]:
-    kinds = len([k for k in d["tried_by_kind"] if k != "valid"])
+    kinds = len([k for k in d["tried_by_kind"] if k != "valid" and not k.startswith("10k")])
     return [
         f"| messages | {d['messages']:,}: {d['valid_rows']:,} valid rows, "
-        f"{d['expected_dead_letters']} poison messages of {kinds} kinds |",
+        f"{d['expected_dead_letters']} poison messages of {kinds} kinds, 10k model names, "
+        "10k class labels |",
         f"| counted / dead-lettered | {int(d['counted_rows']):,} rows (= valid) / "
         f"{d['dead_letters']} ({d['dead_letters_missing']} missing, "
         f"{d['dead_letters_with_wrong_reason']} with a wrong reason) |",
