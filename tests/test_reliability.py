@@ -1775,7 +1775,7 @@ def test_max_series_caps_the_shard_not_each_partition(
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # a race of ~0.1 s: it does not show on every run
     reason="known bug: a shard frozen past its session serves stale /metrics on waking",
 )
 def test_a_frozen_shard_that_wakes_up_never_exports_partitions_it_lost(
