@@ -11,6 +11,7 @@ SIGKILL loses nothing and counts nothing twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -512,14 +513,11 @@ class Shard:
         self._last_render = now
         self._force_render = False
         views = [self.states[p].view() for p in sorted(self.states)]
-        health = ShardHealth(
+        # The render thread gets its own copy: the loop keeps mutating these dicts.
+        health = dataclasses.replace(
+            self.health,
             lag=dict(self.health.lag),
             snapshot_age_seconds=dict(self.health.snapshot_age_seconds),
-            batch_seconds_sum=self.health.batch_seconds_sum,
-            batches=self.health.batches,
-            messages=self.health.messages,
-            dead_letter_messages=self.health.dead_letter_messages,
-            up_since=self.health.up_since,
         )
         self._renderer.submit(views, health)
 

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -828,9 +828,3 @@ class PartitionState:
             for name in state.reference:
                 state.reference[name][:m] = z["ref." + name]
         return state
-
-
-def merge_counts(states: Iterable[PartitionState], name: str) -> np.ndarray:
-    """Sum one cumulative array over states (tests and tools)."""
-    summed: np.ndarray = np.sum([s.cum[name][: len(s.catalog)].sum(axis=0) for s in states], axis=0)
-    return summed

@@ -9,9 +9,7 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -136,37 +134,13 @@ def consume_all(
     return out
 
 
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
-
-
 __all__ = [
     "KafkaException",
     "cluster_running",
     "consume_all",
     "create_topic",
     "docker_available",
-    "env_flag",
     "kafka_script",
     "start_local_cluster",
     "unique",
-    "wait_for",
 ]
-
-
-def iter_values(msgs: list[Message]) -> Iterator[bytes]:
-    for m in msgs:
-        v = m.value()
-        assert v is not None
-        yield v
