@@ -130,7 +130,7 @@ class Shard:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
-            # The default 1 s backoff stalls a fast consumer (DESIGN's measurement).
+            # The default 1 s backoff stalls a fast consumer (docs/architecture.md, reference figures).
             "fetch.queue.backoff.ms": 20,
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,

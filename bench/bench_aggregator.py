@@ -555,7 +555,7 @@ def describe(res: dict[str, Any]) -> str:
 
 def calibrate(core: int, n: int = 20_000) -> float:
     """us per fastavro ``schemaless_reader`` of one event on ``core``: the machine's speed
-    in the unit of DESIGN.md's table (4-5 us there), median of 5."""
+    in the unit of docs/architecture.md's reference figures (4-5 us there), median of 5."""
     import io  # noqa: PLC0415
 
     from fastavro import schemaless_reader  # noqa: PLC0415
@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     cal = calibrate(args.cpu)
-    say(f"# calibration: fastavro schemaless_reader {cal:.2f} us/event (DESIGN.md: 4-5 us)")
+    say(f"# calibration: fastavro schemaless_reader {cal:.2f} us/event (docs/architecture.md: 4-5 us)")
     topics = {
         "envelopes": create_topic(args.bootstrap, f"bench-agg-envelopes-{rid}"),
         "events": create_topic(args.bootstrap, f"bench-agg-events-{rid}"),

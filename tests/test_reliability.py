@@ -1691,7 +1691,7 @@ def test_non_finite_regression_values_are_dead_lettered_not_summed(
 ) -> None:
     """An infinite (or 1e200) prediction or label of a regression model is accepted and
     summed: model_prediction_error_sum and the MAE/RMSE gauges become +Inf or NaN, and the
-    cumulative sums stay so forever. DESIGN lists "label out of range" as bad input."""
+    cumulative sums stay so forever. docs/architecture.md lists a label out of range as bad input."""
     t = T0_MS / 1000 + 1
     good = [
         encode_event(_row("reg", t + i / 100, prediction=1.0, label=1.5, score=None))
