@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from aggregator.errors import AggregatorError
 from aggregator.settings import AggregatorSettings
+from aggregator.webconfig import WebConfigError, load_web_config
 
 __all__ = ["main", "parse_settings"]
 
@@ -38,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in AggregatorSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.default if field.default_factory is None else "(computed)"
-        if name == "sasl_password":
-            default = None
+        if "SecretStr" in str(field.annotation):
+            default = None  # a secret's default is never shown, nor any value
         help_text = f"{field.description or ''} [env MODELPULSE_{name.upper()}; default {default}]"
         if field.annotation is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
@@ -73,20 +75,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from confluent_kafka import KafkaException  # noqa: PLC0415 - keep --help fast
+
     from aggregator.shard import Shard  # noqa: PLC0415 - keep --help fast
 
-    shard = Shard(settings)
-
-    def _stop(signum: int, _frame: Any) -> None:
-        logging.getLogger("modelpulse.aggregator").info("signal %d: stopping", signum)
-        shard.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     try:
+        web_config = load_web_config(settings.web_config_file) if settings.web_config_file else None
+    except WebConfigError as exc:
+        logging.getLogger("modelpulse.aggregator").error("--web-config-file: %s", exc)
+        return 2
+    try:
+        shard = Shard(settings)
+        if web_config is not None:
+            shard.server.use_web_config(web_config)
+
+        def _stop(signum: int, _frame: Any) -> None:
+            logging.getLogger("modelpulse.aggregator").info("signal %d: stopping", signum)
+            shard.stop()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         shard.run()
+        if shard.close_timed_out:
+            # consumer.close() still runs in its thread, and tearing the interpreter
+            # down would wait for librdkafka: exit now, within the promised bound.
+            logging.shutdown()
+            os._exit(0)
     except AggregatorError as exc:
         logging.getLogger("modelpulse.aggregator").error("%s", exc)
+        return 1
+    except KafkaException as exc:
+        # Most often credentials or TLS: librdkafka logged the cause (e.g. "SASL
+        # authentication error") just above; its error text never carries a secret.
+        logging.getLogger("modelpulse.aggregator").error(
+            "cannot use Kafka at %s (security_protocol=%s%s): %s; check the "
+            "credentials and TLS settings",
+            settings.bootstrap_servers,
+            settings.security_protocol,
+            f", sasl_username={settings.sasl_username}" if settings.sasl_username else "",
+            exc.args[0].str() if exc.args else exc,
+        )
         return 1
     return 0
 

@@ -2,7 +2,10 @@
 
 Ids are handed out in log order, so a replay from the same offset assigns the same
 ids. What exceeds a cap folds into ``__overflow__`` and is counted, so the number
-of exported series stays bounded whatever the producers send.
+of exported series stays bounded whatever the producers send. Ingest rejects names
+that are too long or reserved before they get here; the catalog still never admits a
+reserved name (``__overflow__`` anywhere, ``macro`` as a class) as a regular one, so
+no two exported series can share their labels.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = ["OVERFLOW", "Catalog", "Limits"]
+__all__ = ["MACRO", "OVERFLOW", "Catalog", "Limits"]
 
 OVERFLOW: Final = "__overflow__"
+MACRO: Final = "macro"  # the ``class`` label value of macro averages
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +68,8 @@ class Catalog:
                 entry.regression = regression
             return found
         lim = self.limits
-        if model not in self._versions and (
-            len(self._versions) >= lim.max_models or model == OVERFLOW
+        if OVERFLOW in key or (
+            model not in self._versions and len(self._versions) >= lim.max_models
         ):
             self.fold("model")
             return self._overflow((OVERFLOW, OVERFLOW), regression, time_ms)
@@ -91,12 +95,14 @@ class Catalog:
         self.entries.append(_ModelVersion(key[0], key[1], regression, time_ms))
         return self._ids[key]
 
-    def _intern(self, table: dict[str, int], name: str, cap: int, what: str) -> int:
+    def _intern(
+        self, table: dict[str, int], name: str, cap: int, what: str, reserved: bool = False
+    ) -> int:
         found = table.get(name)
         if found is not None:
             return found
         regular = len(table) - (OVERFLOW in table)
-        if name == OVERFLOW or regular >= cap - 1:  # the last id is the overflow one
+        if reserved or name == OVERFLOW or regular >= cap - 1:  # the last id is overflow
             if name != OVERFLOW:
                 self.fold(what)
             return table.setdefault(OVERFLOW, cap - 1)
@@ -104,7 +110,8 @@ class Catalog:
         return regular
 
     def class_id(self, mv: int, name: str) -> int:
-        return self._intern(self.entries[mv].classes, name, self.limits.max_classes, "class")
+        classes = self.entries[mv].classes
+        return self._intern(classes, name, self.limits.max_classes, "class", name == MACRO)
 
     def feature_id(self, mv: int, name: str) -> int:
         return self._intern(self.entries[mv].features, name, self.limits.max_features, "feature")

@@ -10,15 +10,19 @@ accumulated by ``EventChunkBuilder`` until the next envelope, keeping message or
 from __future__ import annotations
 
 import io
+import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 from fastavro import parse_schema, schemaless_reader
+from fastavro.read import SchemaResolutionError
 
 from aggregator.errors import DecodeError
-from schemas.registry import SchemaRegistry
+from schemas.registry import RegistryError, RegistryUnavailable, SchemaNotFound
 from schemas.wire import (
     CLASS_DTYPE,
     EVENT_ID_OFFSET_DTYPE,
@@ -40,8 +44,16 @@ __all__ = [
     "Marker",
     "RowChunk",
     "SchemaResolver",
+    "SchemaSource",
     "decode_batch",
 ]
+
+log = logging.getLogger("modelpulse.aggregator")
+
+# Bounds of one envelope (``decode_batch``): the producer's own largest batch
+# (``batch_max_events`` <= 200k) and its default number of features per event.
+MAX_ROWS_PER_ENVELOPE: Final = 200_000
+FEATURES_PER_ROW: Final = 32
 
 _EMPTY_I4: Final = np.empty(0, dtype=CLASS_DTYPE)
 _EMPTY_F8: Final = np.empty(0, dtype=FLOAT_DTYPE)
@@ -88,6 +100,35 @@ class RowChunk:
     def __len__(self) -> int:
         return int(self.event_time_ms.shape[0])
 
+    def rows(self, start: int, stop: int) -> RowChunk:
+        """Rows [start, stop) as a chunk of views sharing the dictionaries."""
+
+        def cut(a: np.ndarray) -> np.ndarray:
+            return a[start:stop] if a.size else a  # empty: the column is absent
+
+        lo, hi = np.searchsorted(self.feat_row, [start, stop]).tolist()
+        return RowChunk(
+            mv_keys=self.mv_keys,
+            regression=self.regression,
+            mv=self.mv[start:stop],
+            offset=self.offset[start:stop],
+            event_time_ms=self.event_time_ms[start:stop],
+            latency_seconds=self.latency_seconds[start:stop],
+            outcome=self.outcome[start:stop],
+            score=self.score[start:stop],
+            classes=self.classes,
+            pred_code=cut(self.pred_code),
+            label_code=cut(self.label_code),
+            pred_value=cut(self.pred_value),
+            label_value=cut(self.label_value),
+            segments=self.segments,
+            segment=self.segment[start:stop],
+            feature_names=self.feature_names,
+            feat_row=self.feat_row[lo:hi] - start,
+            feat_code=self.feat_code[lo:hi],
+            feat_value=self.feat_value[lo:hi],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
@@ -117,11 +158,29 @@ def _column(
     return np.frombuffer(data, dtype=dtype)
 
 
-def decode_batch(record: dict[str, Any], offset: int) -> RowChunk:
-    """Columns of a decoded ``PredictionBatch`` record (views of its bytes, no copies)."""
+def decode_batch(
+    record: dict[str, Any], offset: int, max_rows: int = MAX_ROWS_PER_ENVELOPE
+) -> RowChunk:
+    """Columns of a decoded ``PredictionBatch`` record (views of its bytes, no copies).
+
+    An envelope of more than ``max_rows`` rows (or more feature values than
+    ``max_rows * FEATURES_PER_ROW``) is refused as ``envelope_too_large`` before any
+    column is built: a few kB of compressed input must not become gigabytes of arrays.
+    """
     n = record["count"]
     if n < 0:
         raise DecodeError("bad_column", f"negative count {n}")
+    if n > max_rows:
+        raise DecodeError(
+            "envelope_too_large", f"{n} rows, more than max_rows_per_envelope {max_rows}"
+        )
+    cells = n * len(record["feature_names"])
+    if cells > max_rows * FEATURES_PER_ROW:
+        raise DecodeError(
+            "envelope_too_large",
+            f"{n} rows x {len(record['feature_names'])} features, more than "
+            f"{max_rows} x {FEATURES_PER_ROW} feature values",
+        )
     regression = record["task"] == "regression"
     value_dtype = FLOAT_DTYPE if regression else CLASS_DTYPE
     pred = _column(record["prediction"], value_dtype, n, "prediction")
@@ -266,18 +325,80 @@ class EventChunkBuilder:
         return chunk
 
 
-class SchemaResolver:
-    """Schema id -> (kind, reader arguments), for fixed ids and registry ids alike.
+class SchemaSource(Protocol):
+    """What ``SchemaResolver`` needs of a registry (``schemas.registry.SchemaRegistry``)."""
 
-    Writer schemas that differ from the current one are read with Avro schema
-    resolution against the current ``.avsc`` (fields added with defaults).
+    def schema(self, schema_id: int) -> dict[str, Any]: ...
+
+    def register(self, subject: str, schema: dict[str, Any]) -> int: ...
+
+
+class SchemaResolver:
+    """Schema id -> (kind, writer schema, reader schema or None).
+
+    Without a registry the ids are the fixed ones of ``schemas/registry.json``. With a
+    registry, ids are *only* registry ids (the fixed ids never shadow them): an id not
+    seen yet is looked up once, and the writer schema's full record name decides the
+    kind, whatever subject it was registered under. A writer schema that differs from
+    the current ``.avsc`` is read with Avro schema resolution against it (added fields
+    with defaults are fine; a writer it cannot resolve is ``incompatible_schema``).
+
+    Registry answers are cached: found ids for good (an id's schema never changes),
+    ids the registry does not have (or that are not our records) for
+    ``NEGATIVE_TTL_SECONDS``, at most ``NEGATIVE_MAX`` of them, so a flood of junk ids
+    costs one lookup per id per TTL. When the registry gives no answer, the lookup is
+    retried inline (``RETRY_DELAYS``), then every unknown id fails fast as
+    ``schema_unavailable`` until a backoff (doubling from ``BACKOFF_MIN_SECONDS`` to
+    ``BACKOFF_MAX_SECONDS``) has passed; ids already cached keep decoding throughout.
     """
 
-    def __init__(self, registry: SchemaRegistry | None = None) -> None:
+    NEGATIVE_TTL_SECONDS: Final = 60.0
+    NEGATIVE_MAX: Final = 10_000
+    RETRY_DELAYS: Final = (0.25, 0.75)
+    BACKOFF_MIN_SECONDS: Final = 1.0
+    BACKOFF_MAX_SECONDS: Final = 30.0
+    # Dead-letter reasons this class raises (besides ``undecodable``).
+    REASONS: Final = ("unknown_schema", "incompatible_schema", "schema_unavailable")
+
+    def __init__(
+        self,
+        registry: SchemaSource | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._registry = registry
+        self._clock = clock
+        self._sleep = sleep
         self._known: dict[int, tuple[int, Any, Any]] = {}
-        for kind in SchemaId:
-            self._known[int(kind)] = (int(kind), parsed_schema(kind), None)
+        self._missing: dict[int, tuple[float, str]] = {}  # id -> (expires, why)
+        self._own: dict[int, int] = {}  # kind -> registry id of our own writes
+        self._down_until = 0.0
+        self._backoff = self.BACKOFF_MIN_SECONDS
+        self.lookups = 0  # registry requests made (for tests and logs)
+        if registry is None:
+            for kind in SchemaId:
+                self._known[int(kind)] = (int(kind), parsed_schema(kind), None)
+
+    @property
+    def registry(self) -> SchemaSource | None:
+        return self._registry
+
+    def writer_id(self, kind: SchemaId) -> int:
+        """The id this process frames its own records of ``kind`` with.
+
+        The fixed id without a registry; with one, the id the registry returns for the
+        current ``.avsc`` under its record-name subject (raises ``RegistryError``).
+        """
+        if self._registry is None:
+            return int(kind)
+        found = self._own.get(int(kind))
+        if found is None:
+            raw = raw_schema(kind)
+            found = self._registry.register(f"{raw['namespace']}.{raw['name']}", raw)
+            self._own[int(kind)] = found
+            self._known[found] = (int(kind), parsed_schema(kind), None)
+        return found
 
     def resolve(self, schema_id: int) -> tuple[int, Any, Any]:
         """(kind, writer schema, reader schema or None) or raise ``DecodeError``."""
@@ -286,19 +407,78 @@ class SchemaResolver:
             return found
         if self._registry is None:
             raise DecodeError("unknown_schema", f"schema id {schema_id} (no registry configured)")
+        now = self._clock()
+        missing = self._missing.get(schema_id)
+        if missing is not None and missing[0] > now:
+            raise DecodeError("unknown_schema", missing[1])
+        if now < self._down_until:
+            raise DecodeError(
+                "schema_unavailable",
+                f"schema id {schema_id}: registry unavailable, next try in "
+                f"{self._down_until - now:.1f}s",
+            )
         try:
-            writer = self._registry.schema(schema_id)
-        except Exception as exc:
-            raise DecodeError("unknown_schema", f"schema id {schema_id}: {exc}") from exc
-        name = f"{writer.get('namespace', '')}.{writer.get('name', '')}"
+            writer = self._fetch(schema_id)
+        except SchemaNotFound as exc:
+            self._remember_missing(schema_id, f"schema id {schema_id}: {exc}", now)
+            raise DecodeError("unknown_schema", f"schema id {schema_id}: {exc}") from None
+        except RegistryError as exc:
+            self._down_until = self._clock() + self._backoff
+            log.warning(
+                "schema registry unavailable (schema id %d): %s; unknown ids are dead-lettered "
+                "as schema_unavailable for %.0fs",
+                schema_id,
+                exc,
+                self._backoff,
+            )
+            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_SECONDS)
+            raise DecodeError(
+                "schema_unavailable", f"schema id {schema_id}: registry unavailable: {exc}"
+            ) from None
+        self._backoff = self.BACKOFF_MIN_SECONDS
+        try:
+            parsed: Any = parse_schema(writer)
+            name = str(parsed["name"])
+        except Exception as exc:  # fastavro raises several types on a bad schema
+            why = f"schema id {schema_id} is not a valid Avro record schema: {exc}"
+            self._remember_missing(schema_id, why, now)
+            raise DecodeError("unknown_schema", why) from None
         kind = _KINDS.get(name)
         if kind is None:
-            raise DecodeError("unknown_schema", f"schema id {schema_id} is {name}, not ours")
+            why = f"schema id {schema_id} is {name}, not a modelpulse record"
+            self._remember_missing(schema_id, why, now)
+            raise DecodeError("unknown_schema", why)
         current = raw_schema(kind)
-        reader = None if writer == current else parse_schema(current)
-        found = (int(kind), parse_schema(writer), reader)
+        reader = None if writer == current else parsed_schema(kind)
+        found = (int(kind), parsed, reader)
         self._known[schema_id] = found
+        log.info("schema id %d: %s%s", schema_id, name, "" if reader is None else " (resolved)")
         return found
+
+    def _fetch(self, schema_id: int) -> dict[str, Any]:
+        assert self._registry is not None
+        for delay in (*self.RETRY_DELAYS, None):
+            self.lookups += 1
+            try:
+                return self._registry.schema(schema_id)
+            except RegistryUnavailable:
+                if delay is None:
+                    raise
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _remember_missing(self, schema_id: int, why: str, now: float) -> None:
+        missing = self._missing
+        if len(missing) >= self.NEGATIVE_MAX:
+            for sid in [s for s, (expires, _w) in missing.items() if expires <= now]:
+                del missing[sid]
+            while len(missing) >= self.NEGATIVE_MAX:
+                del missing[next(iter(missing))]  # the oldest entry
+        missing.pop(schema_id, None)
+        missing[schema_id] = (now + self.NEGATIVE_TTL_SECONDS, why)
+        log.warning(
+            "dead-lettering schema id %d for %.0fs: %s", schema_id, self.NEGATIVE_TTL_SECONDS, why
+        )
 
     def read(self, value: bytes | None) -> tuple[int, dict[str, Any]]:
         """Unframe and decode one message value into (kind, record)."""
@@ -312,10 +492,19 @@ class SchemaResolver:
         buf.seek(HEADER.size)
         try:
             record = schemaless_reader(buf, writer, reader)
+        except SchemaResolutionError as exc:
+            raise DecodeError(
+                "incompatible_schema",
+                f"schema id {schema_id} cannot be read as the current {writer['name']}: {exc}",
+            ) from None
         except Exception as exc:  # fastavro raises many types on garbage
-            raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from None
+            raise DecodeError(
+                "undecodable", f"schema id {schema_id}: {type(exc).__name__}: {exc}"
+            ) from None
         if buf.tell() != len(value):
-            raise DecodeError("undecodable", f"{len(value) - buf.tell()} trailing bytes")
+            raise DecodeError(
+                "undecodable", f"schema id {schema_id}: {len(value) - buf.tell()} trailing bytes"
+            )
         if not isinstance(record, dict):
             raise DecodeError("undecodable", "not a record")
         return kind, record

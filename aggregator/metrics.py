@@ -4,16 +4,36 @@ Cumulative series (counters, histograms) are additive, so ``sum by (model, versi
 combines partitions and shards. Windowed gauges are exact because a model's events
 all land in one partition. Every per-model series carries a ``partition`` label so
 that two partitions folding into the same ``__overflow__`` model never collide.
+
+``max_series`` caps the sample lines of the whole render, whatever the number of
+partitions, and every family counts. Only exposition is capped, never counting: the
+state stays exact and a series comes back when room is made. What does not fit is
+left out whole, in a fixed order, and ``modelpulse_series_dropped{reason}`` says how
+many lines (logged once per reason):
+
+1. the shard's own health and the per-partition counters that are not zero are
+   always kept (a few lines per partition);
+2. model versions, oldest first (first-seen event time, then partition, then id):
+   the first one that does not fit and every later one are left out
+   (``model_version``), so the set shown stays put while new versions arrive;
+3. resource instances in (service, instance) order, the same way
+   (``resource_instance``);
+4. counters still at zero, which exist only so that ``increase()`` reads 0
+   (``zero_counter``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Final
 
 import numpy as np
 
+from aggregator.catalog import MACRO
+from aggregator.decode import SchemaResolver
 from aggregator.exposition import Family
 from aggregator.quality import (
     classification_metrics,
@@ -22,14 +42,48 @@ from aggregator.quality import (
     population_stability_index,
     regression_metrics,
 )
-from aggregator.state import StateConfig, StateView, WindowAggregate
+from aggregator.state import REJECT_REASONS, StateConfig, StateView, WindowAggregate
 from schemas.wire import OUTCOMES
 
-__all__ = ["ShardHealth", "build_families", "format_duration"]
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "DROP_REASONS",
+    "FOLD_KINDS",
+    "ShardHealth",
+    "build_families",
+    "format_duration",
+]
+
+log = logging.getLogger("modelpulse.aggregator")
 
 QUANTILES: Final = (0.5, 0.9, 0.99)
 _VALID = OUTCOMES[:4]
 _MV = ("model", "version", "partition")
+# Known up front, so each counter starts at 0 and ``increase()`` reads 0, not "no data".
+# A reason or kind seen in state but missing here is exported all the same.
+DEAD_LETTER_REASONS: Final = tuple(
+    dict.fromkeys(
+        (
+            *REJECT_REASONS,
+            "truncated",
+            "bad_magic",
+            "undecodable",
+            "bad_column",
+            *SchemaResolver.REASONS,
+            # The consumer loop's own (shard.py, which imports this module).
+            "unexpected_schema",
+            "untrusted_marker",
+            "undecompressable",
+            "unreadable",
+        )
+    )
+)
+FOLD_KINDS: Final = ("model", "version", "model_version", "class", "feature", "segment")
+DROP_REASONS: Final = ("model_version", "resource_instance", "zero_counter")
+# Owners of series that are not a droppable unit (units are numbered from 0).
+_KEEP: Final = -1
+_ZERO: Final = -2
+_logged_drops: set[str] = set()
 
 
 def format_duration(ms: int) -> str:
@@ -54,67 +108,145 @@ class ShardHealth:
     batches: int = 0
     messages: int = 0
     dead_letter_messages: int = 0
+    dead_letter_failures: int = 0
+    dead_letters_truncated: int = 0
+    stuck_partitions: dict[int, int] = field(default_factory=dict)
     up_since: float = 0.0
+
+
+@dataclass(slots=True)
+class _Rows:
+    """One family's series before the cap: labels, numbers and the unit owning each."""
+
+    labels: list[tuple[str, ...]] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)  # histograms: bucket rows
+    sums: list[np.ndarray] = field(default_factory=list)  # histograms only
+    owners: list[np.ndarray] = field(default_factory=list)
+
+    def add(
+        self,
+        labels: Sequence[tuple[str, ...]],
+        values: np.ndarray,
+        owner: int | np.ndarray,
+        sums: np.ndarray | None = None,
+    ) -> None:
+        n = len(labels)
+        if not n:
+            return
+        self.labels.extend(labels)
+        self.values.append(values)
+        self.owners.append(np.broadcast_to(np.asarray(owner, dtype=np.int64), (n,)))
+        if sums is not None:
+            self.sums.append(sums)
 
 
 class _Columns:
     """Label tuples and value arrays per family, appended in bulk (no per-series calls)."""
 
     def __init__(self) -> None:
-        self.labels: dict[str, list[tuple[str, ...]]] = {}
-        self.values: dict[str, list[np.ndarray]] = {}
+        self.rows: dict[str, _Rows] = {}
 
-    def extend(self, family: str, labels: Sequence[tuple[str, ...]], values: Any) -> None:
-        if not labels:
-            return
-        self.labels.setdefault(family, []).extend(labels)
-        self.values.setdefault(family, []).append(
-            np.broadcast_to(np.asarray(values, dtype=np.float64), (len(labels),))
-        )
+    def extend(
+        self,
+        family: str,
+        labels: Sequence[tuple[str, ...]],
+        values: Any,
+        owner: int | np.ndarray = _KEEP,
+    ) -> None:
+        if labels:
+            values = np.broadcast_to(np.asarray(values, dtype=np.float64), (len(labels),))
+            self.rows.setdefault(family, _Rows()).add(labels, values, owner)
 
-    def one(self, family: str, labels: tuple[str, ...], value: float) -> None:
-        self.extend(family, [labels], [value])
+    def one(self, family: str, labels: tuple[str, ...], value: float, owner: int = _KEEP) -> None:
+        self.extend(family, [labels], [value], owner)
 
-    def family(self, name: str, kind: str, help_text: str, label_names: tuple[str, ...]) -> Family:
-        values = self.values.get(name)
-        return Family(
-            name=name,
-            kind=kind,  # type: ignore[arg-type]
-            help=help_text,
-            label_names=label_names,
-            label_values=self.labels.get(name, []),
-            values=np.concatenate(values) if values else np.empty(0),
-        )
+    def histogram(
+        self,
+        family: str,
+        labels: Sequence[tuple[str, ...]],
+        buckets: np.ndarray,
+        sums: np.ndarray,
+        owner: np.ndarray,
+    ) -> None:
+        self.rows.setdefault(family, _Rows()).add(labels, buckets, owner, sums)
 
 
 @dataclass(slots=True)
-class _Hist:
-    labels: list[tuple[str, ...]] = field(default_factory=list)
-    buckets: list[np.ndarray] = field(default_factory=list)
-    sums: list[np.ndarray] = field(default_factory=list)
+class _Pending:
+    """A family's spec and rows, with what each row costs in sample lines."""
 
-    def extend(
-        self, labels: Sequence[tuple[str, ...]], buckets: np.ndarray, sums: np.ndarray
-    ) -> None:
-        if labels:
-            self.labels.extend(labels)
-            self.buckets.append(buckets)
-            self.sums.append(sums)
+    name: str
+    kind: str
+    help: str
+    label_names: tuple[str, ...]
+    labels: list[tuple[str, ...]]
+    values: np.ndarray  # [n] or, for histograms, [n, buckets]
+    sums: np.ndarray | None
+    owners: np.ndarray
+    lines: np.ndarray  # 0 for a series that is not rendered (NaN)
+    upper_bounds: tuple[float, ...] = ()
 
-    def family(self, name: str, help_text: str, bounds: Sequence[float]) -> Family:
-        width = len(bounds) + 1
+    def family(self, keep: np.ndarray | None) -> Family:
+        labels, values, sums = self.labels, self.values, self.sums
+        if keep is not None:
+            rows = keep[self.owners - _ZERO]
+            if not rows.all():
+                labels = _select(labels, rows)
+                values = values[rows]
+                sums = None if sums is None else sums[rows]
+        if self.kind == "histogram":
+            return Family(
+                name=self.name,
+                kind="histogram",
+                help=self.help,
+                label_names=self.label_names,
+                label_values=labels,
+                upper_bounds=self.upper_bounds,
+                buckets=values,
+                sums=sums,
+            )
         return Family(
-            name=name,
-            kind="histogram",
-            help=help_text,
-            label_names=_MV,
-            label_values=self.labels,
-            upper_bounds=list(bounds),
-            buckets=np.concatenate(self.buckets).astype(np.float64)
-            if self.buckets
-            else np.empty((0, width)),
-            sums=np.concatenate(self.sums).astype(np.float64) if self.sums else np.empty(0),
+            name=self.name,
+            kind=self.kind,  # type: ignore[arg-type]
+            help=self.help,
+            label_names=self.label_names,
+            label_values=labels,
+            values=values,
         )
+
+
+def _select(labels: list[tuple[str, ...]], rows: np.ndarray) -> list[tuple[str, ...]]:
+    kept = np.flatnonzero(rows).tolist()
+    if len(kept) < 2:  # itemgetter of one index returns the item, not a tuple
+        return [labels[i] for i in kept]
+    return list(itemgetter(*kept)(labels))
+
+
+def _pending(
+    cols: _Columns, name: str, kind: str, help_text: str, label_names: tuple[str, ...]
+) -> _Pending:
+    rows = cols.rows.get(name, _Rows())
+    owners = np.concatenate(rows.owners) if rows.owners else np.empty(0, np.int64)
+    values = np.concatenate(rows.values) if rows.values else np.empty(0)
+    lines = (~np.isnan(values)).astype(np.int64)
+    return _Pending(name, kind, help_text, label_names, rows.labels, values, None, owners, lines)
+
+
+def _pending_histogram(
+    cols: _Columns, name: str, help_text: str, bounds: Sequence[float]
+) -> _Pending:
+    rows = cols.rows.get(name, _Rows())
+    width = len(bounds) + 1
+    buckets = (
+        np.concatenate(rows.values).astype(np.float64) if rows.values else np.empty((0, width))
+    )
+    sums = np.concatenate(rows.sums).astype(np.float64) if rows.sums else np.empty(0)
+    owners = np.concatenate(rows.owners) if rows.owners else np.empty(0, np.int64)
+    present = ~(np.isnan(sums) | np.isnan(buckets).any(axis=1))
+    return _Pending(
+        name, "histogram", help_text, _MV, rows.labels, buckets, sums, owners,
+        present.astype(np.int64) * (width + 2), tuple(float(b) for b in bounds),
+    )  # fmt: skip
 
 
 def _mv_labels(v: StateView) -> list[tuple[str, str, str]]:
@@ -137,134 +269,266 @@ def _cells(
     return labels, idx
 
 
-def build_families(
-    views: Sequence[StateView], config: StateConfig, health: ShardHealth | None = None
-) -> list[Family]:
-    """Every family this shard exports, for the partitions it owns now."""
-    cols = _Columns()
-    lat, score, err = _Hist(), _Hist(), _Hist()
-
+def _distinct_partitions(views: Sequence[StateView]) -> list[StateView]:
+    """One view per partition (the furthest along), in partition order."""
+    by_partition: dict[int, StateView] = {}
     for v in views:
-        mvl = _mv_labels(v)
-        m = len(mvl)
-        cum = v.cum
-        regression = np.array([e[2] for e in v.entries], dtype=bool)
-        classes = [e[4] for e in v.entries]
-        if m:
-            out = cum["outcome"]
-            for code, name in enumerate(_VALID):
-                by_outcome = [(*lab, name) for lab in mvl]
-                cols.extend("inference_predictions", by_outcome, out[:, code])
-                if code:
-                    cols.extend("inference_errors", by_outcome, out[:, code])
-            cols.extend("model_labeled_predictions", mvl, cum["labelled"])
-            cols.extend("model_unlabeled_predictions", mvl, out[:, 0] - cum["labelled"])
-            cols.extend(
-                "model_info",
-                [
-                    (*lab, "regression" if r else "classification")
-                    for lab, r in zip(mvl, regression, strict=True)
-                ],
-                1.0,
-            )
-            cols.extend("model_update_time_seconds", mvl, [e[3] / 1000.0 for e in v.entries])
-            lat.extend(mvl, cum["lat"], cum["lat_sum"])
-            has_score = cum["score"].sum(axis=1) > 0
-            score.extend(
-                [mvl[i] for i in np.flatnonzero(has_score)],
-                cum["score"][has_score],
-                cum["score_sum"][has_score],
-            )
-            err.extend(
-                [mvl[i] for i in np.flatnonzero(regression)],
-                cum["err"][regression],
-                cum["err_sum"][regression],
-            )
-            conf = cum["conf"] * ~regression[:, None, None]
-            cells, (i, a, pc) = _cells(mvl, classes, conf > 0)
-            cols.extend("model_confusion", cells, conf[i, a, pc])
-            cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
-            cols.extend("inference_segment_predictions", cells, cum["seg"][i, g])
-        for w in v.windows:
-            _window_rows(v, w, config, mvl, regression, cols)
+        seen = by_partition.get(v.partition)
+        if seen is None or v.next_offset > seen.next_offset:
+            by_partition[v.partition] = v
+    return [by_partition[p] for p in sorted(by_partition)]
+
+
+def _latest_resources(views: Sequence[StateView]) -> list[tuple[tuple[str, str], dict[str, Any]]]:
+    """One heartbeat per (service, instance), the newest by event time, in key order.
+
+    An instance whose heartbeats land in two partitions (its key changed, or a
+    partition moved) would otherwise be exported twice with the same labels.
+    """
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for v in views:
         for r in v.resources:
-            si = (str(r["service"]), str(r["instance"]))
-            for key, fam in (
-                ("cpu_usage_ratio", "inference_cpu_usage_ratio"),
-                ("memory_usage_bytes", "inference_memory_usage_bytes"),
-                ("disk_usage_ratio", "inference_disk_usage_ratio"),
-            ):
-                if r.get(key) is not None:
-                    cols.one(fam, si, float(r[key]))
-            for gpu in r.get("gpus", []):
-                cols.one(
-                    "inference_gpu_usage_ratio",
-                    (*si, str(gpu["index"])),
-                    float(gpu["utilization_ratio"]),
-                )
-        p = (str(v.partition),)
-        cols.one("modelpulse_events", p, float(v.events_accepted))
-        cols.one("modelpulse_late_events", p, float(v.rejected.get("late", 0)))
-        for reason, n in sorted(v.rejected.items()):
-            cols.one("modelpulse_dead_lettered", (*p, reason), float(n))
-        for what, n in sorted(v.folded.items()):
-            cols.one("modelpulse_folded", (*p, what), float(n))
-        if v.max_event_ms > 0:
-            cols.one(
-                "modelpulse_watermark_timestamp_seconds",
-                p,
-                (v.max_event_ms - config.lateness_ms) / 1000,
-            )
-        cols.one("modelpulse_model_versions", p, float(len(v.entries)))
+            key = (str(r["service"]), str(r["instance"]))
+            seen = latest.get(key)
+            if seen is None or int(r["event_time_ms"]) > int(seen["event_time_ms"]):
+                latest[key] = r
+    return sorted(latest.items(), key=itemgetter(0))
 
+
+def build_families(
+    views: Sequence[StateView],
+    config: StateConfig,
+    health: ShardHealth | None = None,
+    *,
+    max_series: int | None = None,
+) -> list[Family]:
+    """Every family this shard exports, for the partitions it owns now.
+
+    With ``max_series``, the sample lines of the render stay within it (see the
+    module docstring for what is left out first); without, nothing is left out.
+    """
+    views = _distinct_partitions(views)
+    cols = _Columns()
+    first_seen: list[tuple[int, int, int]] = []  # per model-version unit: its rank key
+    base = 0
+    for v in views:
+        m = len(v.entries)
+        owners = np.arange(base, base + m, dtype=np.int64)
+        first_seen += [(e[3], v.partition, i) for i, e in enumerate(v.entries)]
+        base += m
+        _model_rows(v, config, owners, cols)
+        _partition_rows(v, config, cols)
+    resources = _latest_resources(views)
+    for j, (si, r) in enumerate(resources):
+        _resource_rows(si, r, base + j, cols)
     if health is not None:
-        for pid, lag in sorted(health.lag.items()):
-            cols.one("modelpulse_consumer_lag", (str(pid),), float(lag))
-        for pid, age in sorted(health.snapshot_age_seconds.items()):
-            cols.one("modelpulse_snapshot_age_seconds", (str(pid),), age)
-        cols.one("modelpulse_batch_seconds", (), health.batch_seconds_sum)
-        cols.one("modelpulse_batches", (), float(health.batches))
-        cols.one("modelpulse_messages", (), float(health.messages))
-        cols.one("modelpulse_dead_letter_messages", (), float(health.dead_letter_messages))
-        cols.one("modelpulse_partitions_owned", (), float(len(views)))
-        cols.one("modelpulse_start_time_seconds", (), health.up_since)
+        _health_rows(health, len(views), cols)
 
-    families = [cols.family(*spec) for spec in _SPECS]
-    families.append(
-        lat.family(
-            "inference_latency_seconds", "Inference latency of closed panes.", config.latency_bounds
-        )
+    pending = [_pending(cols, *spec) for spec in _SPECS]
+    for name, help_text, bounds in (
+        ("inference_latency_seconds", "Inference latency of closed panes.", config.latency_bounds),
+        ("model_prediction_score", "Score (probability) of predictions in closed panes.",
+         config.score_bounds),
+        ("model_prediction_error", "Prediction minus label (regression), closed panes.",
+         config.error_bounds),
+    ):  # fmt: skip
+        pending.append(_pending_histogram(cols, name, help_text, bounds))
+
+    n_units = base + len(resources)
+    keep, dropped = _fit(pending, max_series, n_units, base, first_seen)
+    families = [p.family(keep) for p in pending]
+    lines = sum(
+        int(p.lines.sum() if keep is None else p.lines[keep[p.owners - _ZERO]].sum())
+        for p in pending
     )
     families.append(
-        score.family(
-            "model_prediction_score",
-            "Score (probability) of predictions in closed panes.",
-            config.score_bounds,
+        Family(
+            name="modelpulse_series_dropped",
+            kind="gauge",
+            help="Sample lines left out of this render by --max-series, by reason.",
+            label_names=("reason",),
+            label_values=[(r,) for r in DROP_REASONS],
+            values=np.array([float(dropped.get(r, 0)) for r in DROP_REASONS]),
         )
     )
-    families.append(
-        err.family(
-            "model_prediction_error",
-            "Prediction minus label (regression), closed panes.",
-            config.error_bounds,
-        )
-    )
-    series = sum(len(f.label_values) * _lines_per_series(f) for f in families)
     families.append(
         Family(
             name="modelpulse_series",
             kind="gauge",
-            help="Sample lines this shard exposes.",
+            help="Sample lines this shard exposes (this one included).",
             label_names=(),
             label_values=[()],
-            values=np.array([float(series + 1)]),
+            values=np.array([float(lines + len(DROP_REASONS) + 1)]),
         )
     )
     return families
 
 
-def _lines_per_series(f: Family) -> int:
-    return len(f.upper_bounds) + 3 if f.kind == "histogram" else 1
+def _fit(
+    pending: Sequence[_Pending],
+    max_series: int | None,
+    n_units: int,
+    n_model_versions: int,
+    first_seen: Sequence[tuple[int, int, int]],
+) -> tuple[np.ndarray | None, dict[str, int]]:
+    """Which owners stay (indexed by owner - _ZERO; None: all) and lines dropped by reason."""
+    if max_series is None:
+        return None, {}
+    owners = np.concatenate([p.owners for p in pending])
+    lines = np.concatenate([p.lines for p in pending])
+    always = int(lines[owners == _KEEP].sum())
+    zeros = int(lines[owners == _ZERO].sum())
+    units = owners >= 0
+    cost = np.bincount(owners[units], weights=lines[units], minlength=n_units).astype(np.int64)
+    budget = max_series - len(DROP_REASONS) - 1 - always  # the two families added last
+    if zeros + int(cost.sum()) <= budget:
+        return None, {}
+    keep = np.ones(n_units - _ZERO, dtype=bool)
+    dropped: dict[str, int] = {}
+    model_versions = np.array(
+        sorted(range(n_model_versions), key=first_seen.__getitem__), dtype=np.int64
+    )
+    resources = np.arange(n_model_versions, n_units, dtype=np.int64)
+    for reason, order in (("model_version", model_versions), ("resource_instance", resources)):
+        fits = np.cumsum(cost[order]) <= budget
+        n_fit = int(np.argmin(fits)) if not fits.all() else len(order)
+        budget -= int(cost[order[:n_fit]].sum())
+        keep[order[n_fit:] - _ZERO] = False
+        dropped[reason] = int(cost[order[n_fit:]].sum())
+        if n_fit < len(order):
+            _log_drop(reason, max_series, len(order) - n_fit, dropped[reason])
+    if zeros > budget:
+        keep[_ZERO - _ZERO] = False
+        dropped["zero_counter"] = zeros
+        _log_drop("zero_counter", max_series, zeros, zeros)
+    return keep, dropped
+
+
+def _log_drop(reason: str, max_series: int, units: int, lines: int) -> None:
+    if reason in _logged_drops:
+        return
+    _logged_drops.add(reason)
+    log.warning(
+        "--max-series %d reached: %d %s units (%d sample lines) left out of /metrics "
+        "(counting goes on; see modelpulse_series_dropped, raise --max-series or lower "
+        "the caps); logged once",
+        max_series,
+        units,
+        reason,
+        lines,
+    )
+
+
+def _model_rows(v: StateView, config: StateConfig, owners: np.ndarray, cols: _Columns) -> None:
+    """Series of each model version of ``v``, owned by its unit in ``owners``."""
+    mvl = _mv_labels(v)
+    if not mvl:
+        return
+    cum = v.cum
+    regression = np.array([e[2] for e in v.entries], dtype=bool)
+    classes = [e[4] for e in v.entries]
+    out = cum["outcome"]
+    for code, name in enumerate(_VALID):
+        by_outcome = [(*lab, name) for lab in mvl]
+        cols.extend("inference_predictions", by_outcome, out[:, code], owners)
+        if code:
+            cols.extend("inference_errors", by_outcome, out[:, code], owners)
+    cols.extend("model_labeled_predictions", mvl, cum["labelled"], owners)
+    cols.extend("model_unlabeled_predictions", mvl, out[:, 0] - cum["labelled"], owners)
+    cols.extend(
+        "model_info",
+        [
+            (*lab, "regression" if r else "classification")
+            for lab, r in zip(mvl, regression, strict=True)
+        ],
+        1.0,
+        owners,
+    )
+    cols.extend("model_update_time_seconds", mvl, [e[3] / 1000.0 for e in v.entries], owners)
+    cols.histogram("inference_latency_seconds", mvl, cum["lat"], cum["lat_sum"], owners)
+    has_score = np.flatnonzero(cum["score"].sum(axis=1) > 0)
+    cols.histogram(
+        "model_prediction_score",
+        [mvl[i] for i in has_score],
+        cum["score"][has_score],
+        cum["score_sum"][has_score],
+        owners[has_score],
+    )
+    reg = np.flatnonzero(regression)
+    cols.histogram(
+        "model_prediction_error",
+        [mvl[i] for i in reg],
+        cum["err"][reg],
+        cum["err_sum"][reg],
+        owners[reg],
+    )
+    conf = cum["conf"] * ~regression[:, None, None]
+    cells, (i, a, pc) = _cells(mvl, classes, conf > 0)
+    cols.extend("model_confusion", cells, conf[i, a, pc], owners[i])
+    cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
+    cols.extend("inference_segment_predictions", cells, cum["seg"][i, g], owners[i])
+    # A class named like the macro average would share its labels: the catalog folds
+    # such names, and the per-class rows leave them out in case a view still has one.
+    not_macro = np.array([[n != MACRO for n in names] for names in classes], dtype=bool)
+    for w in v.windows:
+        _window_rows(v, w, config, mvl, regression, not_macro, owners, cols)
+
+
+def _partition_rows(v: StateView, config: StateConfig, cols: _Columns) -> None:
+    p = (str(v.partition),)
+    cols.one("modelpulse_events", p, float(v.events_accepted))
+    cols.one("modelpulse_late_events", p, float(v.rejected.get("late", 0)))
+    for family, names, counts in (
+        ("modelpulse_dead_lettered", DEAD_LETTER_REASONS, v.rejected),
+        ("modelpulse_folded", FOLD_KINDS, v.folded),
+    ):
+        for name in (*names, *sorted(set(counts).difference(names))):
+            n = counts.get(name, 0)
+            cols.one(family, (*p, name), float(n), _KEEP if n else _ZERO)
+    if v.max_event_ms > 0:
+        cols.one(
+            "modelpulse_watermark_timestamp_seconds",
+            p,
+            (v.max_event_ms - config.lateness_ms) / 1000,
+        )
+    cols.one("modelpulse_model_versions", p, float(len(v.entries)))
+
+
+def _resource_rows(si: tuple[str, str], r: dict[str, Any], owner: int, cols: _Columns) -> None:
+    for key, fam in (
+        ("cpu_usage_ratio", "inference_cpu_usage_ratio"),
+        ("memory_usage_bytes", "inference_memory_usage_bytes"),
+        ("disk_usage_ratio", "inference_disk_usage_ratio"),
+    ):
+        if r.get(key) is not None:
+            cols.one(fam, si, float(r[key]), owner)
+    seen: set[str] = set()
+    for gpu in r.get("gpus") or ():
+        index = str(gpu["index"])
+        if index not in seen:  # a GPU listed twice: the first entry counts
+            seen.add(index)
+            cols.one(
+                "inference_gpu_usage_ratio", (*si, index), float(gpu["utilization_ratio"]), owner
+            )
+
+
+def _health_rows(health: ShardHealth, partitions: int, cols: _Columns) -> None:
+    for pid, lag in sorted(health.lag.items()):
+        cols.one("modelpulse_consumer_lag", (str(pid),), float(lag))
+    for pid, age in sorted(health.snapshot_age_seconds.items()):
+        cols.one("modelpulse_snapshot_age_seconds", (str(pid),), age)
+    cols.one("modelpulse_batch_seconds", (), health.batch_seconds_sum)
+    cols.one("modelpulse_batches", (), float(health.batches))
+    cols.one("modelpulse_messages", (), float(health.messages))
+    cols.one("modelpulse_dead_letter_messages", (), float(health.dead_letter_messages))
+    cols.one("modelpulse_dead_letter_failures", (), float(health.dead_letter_failures))
+    cols.one("modelpulse_dead_letters_truncated", (), float(health.dead_letters_truncated))
+    for pid in sorted(health.lag):
+        cols.one(
+            "modelpulse_partition_stuck", (str(pid),), float(health.stuck_partitions.get(pid, 0))
+        )
+    cols.one("modelpulse_partitions_owned", (), float(partitions))
+    cols.one("modelpulse_start_time_seconds", (), health.up_since)
 
 
 def _window_rows(
@@ -273,6 +537,8 @@ def _window_rows(
     config: StateConfig,
     mvl: Sequence[tuple[str, ...]],
     regression: np.ndarray,
+    not_macro: np.ndarray,
+    owners: np.ndarray,
     cols: _Columns,
 ) -> None:
     m = len(mvl)
@@ -284,24 +550,27 @@ def _window_rows(
     cls_idx = np.flatnonzero(classification)
     reg_idx = np.flatnonzero(regression)
     total = w.outcome[:m].sum(axis=-1)
-    cols.extend("model_window_predictions", wlab, total)
-    cols.extend("inference_throughput", wlab, total / (w.window_ms / 1000.0))
-    cols.extend("model_window_end_timestamp_seconds", wlab, w.end_ms / 1000.0)
+    cols.extend("model_window_predictions", wlab, total, owners)
+    cols.extend("inference_throughput", wlab, total / (w.window_ms / 1000.0), owners)
+    cols.extend("model_window_end_timestamp_seconds", wlab, w.end_ms / 1000.0, owners)
     lat_q = histogram_quantiles(w.lat[:m], config.latency_bounds, QUANTILES)
     for qi, q in enumerate(QUANTILES):
         cols.extend(
-            "inference_latency_quantile_seconds", [(*x, repr(q)) for x in wlab], lat_q[:, qi]
+            "inference_latency_quantile_seconds",
+            [(*x, repr(q)) for x in wlab],
+            lat_q[:, qi],
+            owners,
         )
 
     mae, rmse = regression_metrics(w.err[:m].sum(axis=-1), w.abs_err[:m], w.sq_err[:m])
-    cols.extend("model_mae", [wlab[i] for i in reg_idx], mae[reg_idx])
-    cols.extend("model_rmse", [wlab[i] for i in reg_idx], rmse[reg_idx])
+    cols.extend("model_mae", [wlab[i] for i in reg_idx], mae[reg_idx], owners[reg_idx])
+    cols.extend("model_rmse", [wlab[i] for i in reg_idx], rmse[reg_idx], owners[reg_idx])
 
     cm = classification_metrics(w.conf[:m])
-    cols.extend("model_accuracy", [wlab[i] for i in cls_idx], cm.accuracy[cls_idx])
+    cols.extend("model_accuracy", [wlab[i] for i in cls_idx], cm.accuracy[cls_idx], owners[cls_idx])
     classes = [e[4] for e in v.entries]
-    labels, (i, c) = _cells(mvl, classes, cm.present & classification[:, None], wl)
-    macro_labels = [(*wlab[j], "macro") for j in cls_idx]
+    labels, (i, c) = _cells(mvl, classes, cm.present & classification[:, None] & not_macro, wl)
+    macro_labels = [(*wlab[j], MACRO) for j in cls_idx]
     for fam, per, macro in (
         ("model_precision", cm.precision, cm.macro_precision),
         ("model_recall", cm.recall, cm.macro_recall),
@@ -309,8 +578,8 @@ def _window_rows(
         ("model_false_positive_rate", cm.false_positive_rate, cm.macro_false_positive_rate),
         ("model_false_negative_rate", cm.false_negative_rate, cm.macro_false_negative_rate),
     ):
-        cols.extend(fam, labels, per[i, c])
-        cols.extend(fam, macro_labels, macro[cls_idx])
+        cols.extend(fam, labels, per[i, c], owners[i])
+        cols.extend(fam, macro_labels, macro[cls_idx], owners[cls_idx])
 
     ref = v.has_reference
     for name, ref_hist, cur, which in (
@@ -323,8 +592,8 @@ def _window_rows(
             continue
         psi = population_stability_index(ref_hist[idx], cur[idx])
         js = jensen_shannon_distance(ref_hist[idx], cur[idx])
-        cols.extend("model_drift_score", [(*wlab[j], name, "psi") for j in idx], psi)
-        cols.extend("model_drift_score", [(*wlab[j], name, "js") for j in idx], js)
+        cols.extend("model_drift_score", [(*wlab[j], name, "psi") for j in idx], psi, owners[idx])
+        cols.extend("model_drift_score", [(*wlab[j], name, "js") for j in idx], js, owners[idx])
     features = [[f"feature:{n}" if n else "" for n in e[5]] for e in v.entries]
     named = np.array([[bool(n) for n in fs] for fs in features], dtype=bool).reshape(m, -1)
     mask = named & ref[:, None]
@@ -332,8 +601,8 @@ def _window_rows(
         fpsi = population_stability_index(v.reference["feat"], w.feat[:m])
         fjs = jensen_shannon_distance(v.reference["feat"], w.feat[:m])
         labels, (i, f) = _cells(mvl, features, mask, wl)
-        cols.extend("model_drift_score", [(*x, "psi") for x in labels], fpsi[i, f])
-        cols.extend("model_drift_score", [(*x, "js") for x in labels], fjs[i, f])
+        cols.extend("model_drift_score", [(*x, "psi") for x in labels], fpsi[i, f], owners[i])
+        cols.extend("model_drift_score", [(*x, "js") for x in labels], fjs[i, f], owners[i])
 
 
 _W = (*_MV, "window")
@@ -373,7 +642,7 @@ _SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "inference_latency_quantile_seconds",
         "gauge",
         "Latency quantile of the last closed window.",
-        (*_W, "quantile"),
+        (*_W, "q"),
     ),
     ("model_accuracy", "gauge", "Accuracy of labelled ok predictions, last closed window.", _W),
     ("model_precision", "gauge", "Precision one-vs-rest per class, and macro.", (*_W, "class")),
@@ -464,6 +733,24 @@ _SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "counter",
         "Messages written to the dead-letter topic.",
         (),
+    ),
+    (
+        "modelpulse_dead_letter_failures",
+        "counter",
+        "Dead-letter writes the broker refused or failed (each retried before a snapshot).",
+        (),
+    ),
+    (
+        "modelpulse_dead_letters_truncated",
+        "counter",
+        "Dead letters whose value was cut to fit the dead-letter topic.",
+        (),
+    ),
+    (
+        "modelpulse_partition_stuck",
+        "gauge",
+        "1 while the partition's fetch fails at one offset again and again.",
+        ("partition",),
     ),
     ("modelpulse_partitions_owned", "gauge", "Input partitions this shard owns.", ()),
     ("modelpulse_start_time_seconds", "gauge", "Start time of this process.", ()),

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Final, NamedTuple, Self
+from typing import Any, Final, NamedTuple, Self
 
 from aggregator.exposition import CONTENT_TYPE, Payload
+from aggregator.webconfig import WebConfig
 
 __all__ = ["MetricsServer"]
 
 log = logging.getLogger(__name__)
 
 _TEXT: Final = "text/plain; charset=utf-8"
+_HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
 
 
 class _Status(NamedTuple):
@@ -54,6 +58,19 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         owner = self.server.owner
         if path == "/metrics":
+            auth = owner._web.auth
+            if auth is not None and not auth.check(self.headers["Authorization"]):
+                self._send(
+                    HTTPStatus.UNAUTHORIZED,
+                    _TEXT,
+                    b"unauthorized\n",
+                    extra=(("WWW-Authenticate", 'Basic realm="modelpulse"'),),
+                )
+                return
+            refusal = owner._metrics_refusal()
+            if refusal is not None:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, _TEXT, f"{refusal}\n".encode())
+                return
             payload = owner._payload  # one read: a concurrent swap cannot tear it
             if payload.gzip_body is not None and _accepts_gzip(self.headers["Accept-Encoding"]):
                 self._send(HTTPStatus.OK, CONTENT_TYPE, payload.gzip_body, gzip=True, vary=True)
@@ -81,9 +98,12 @@ class _Handler(BaseHTTPRequestHandler):
         *,
         gzip: bool = False,
         vary: bool = False,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
+        for name, value in extra:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         if gzip:
             self.send_header("Content-Encoding", "gzip")
@@ -110,6 +130,20 @@ class _HTTPServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the request's own thread, so a slow or
+        # silent client cannot hold up accept() for everyone else.
+        tls = self.owner._web.tls
+        if tls is not None:
+            request.settimeout(_HANDSHAKE_TIMEOUT_SECONDS)
+            try:
+                request = tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %s", client_address, exc)
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
     def handle_error(self, request: object, client_address: object) -> None:
         # socketserver prints tracebacks to stderr; route them to logging instead.
         log.debug("error serving %s", client_address, exc_info=True)
@@ -134,6 +168,10 @@ class MetricsServer:
         self._payload = Payload(b"", None)
         self._health = _Status(True, "")
         self._ready = _Status(False, "starting")
+        self._web = WebConfig()
+        self._stale: str | None = None
+        self._last_poll: float | None = None
+        self._max_poll_age: float | None = None
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -146,7 +184,42 @@ class MetricsServer:
     def url(self) -> str:
         """``http://host:port/metrics``."""
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}/metrics"
+        scheme = "https" if self._web.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/metrics"
+
+    def use_web_config(self, config: WebConfig) -> None:
+        """Serve over TLS and/or require basic auth on /metrics (call before ``start``)."""
+        if self._httpd is not None:
+            raise RuntimeError("use_web_config() must come before start()")
+        self._web = config
+
+    def set_stale(self, reason: str | None) -> None:
+        """Answer /metrics with 503 and ``reason`` (the payload may be wrong); None: serve."""
+        self._stale = reason
+
+    def watch_loop(self, max_age_seconds: float) -> None:
+        """Refuse /metrics unless ``loop_alive`` was called within ``max_age_seconds``.
+
+        Checked here, in the request's thread: a process that wakes from a freeze
+        serves requests before its own loop has run and found out what it lost.
+        """
+        self._max_poll_age = max_age_seconds
+
+    def loop_alive(self, monotonic_now: float) -> None:
+        """The consumer loop polled at ``monotonic_now``."""
+        self._last_poll = monotonic_now
+
+    def _metrics_refusal(self) -> str | None:
+        # The poll time first: the loop sets a refusal before it records a poll.
+        limit, last = self._max_poll_age, self._last_poll
+        stale = self._stale
+        if limit is not None:
+            if last is None:
+                return "consumer loop not started"
+            age = time.monotonic() - last
+            if age > limit:
+                return f"consumer loop silent for {age:.1f} s"
+        return stale
 
     def set_payload(self, body: bytes, gzip_body: bytes | None = None) -> None:
         """Serve ``body`` (and ``gzip_body`` to clients accepting gzip) from now on."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aggregator.catalog import Limits
 from aggregator.state import StateConfig, load_reference_file
+from schemas.registry import SchemaRegistry
 
 __all__ = ["AggregatorSettings", "parse_duration_ms"]
 
@@ -93,8 +94,25 @@ class AggregatorSettings(BaseSettings):
     max_classes: int = Field(16, ge=2, le=256, description="Classes per model (incl. overflow).")
     max_features: int = Field(8, ge=1, le=128, description="Monitored features per model.")
     max_segments: int = Field(8, ge=1, le=256, description="Segment values per model.")
+    max_name_length: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Longest model/version/class/feature/segment/service name (characters); "
+        "longer ones are dead-lettered as name_too_long.",
+    )
+    max_rows_per_envelope: int = Field(
+        200_000,
+        ge=1,
+        description="Rows of one PredictionBatch envelope; larger ones are dead-lettered "
+        "as envelope_too_large.",
+    )
     max_series: int = Field(
-        100_000, ge=1000, description="Cap on the sample lines of one shard's /metrics."
+        100_000,
+        ge=1000,
+        description="Cap on the sample lines of one shard's /metrics, all partitions and "
+        "families together (what does not fit is left out whole and counted in "
+        "modelpulse_series_dropped); also bounds the model versions one partition tracks.",
     )
     snapshot_interval: str = Field("5s", description="How often state is snapshotted + committed.")
     idle_timeout: str = Field(
@@ -109,10 +127,39 @@ class AggregatorSettings(BaseSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name of this shard in logs and markers.",
     )
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    schema_registry_url: str | None = Field(
+        None,
+        description="Confluent-compatible schema registry (e.g. http://host:8080/apis/ccompat/v7); "
+        "set: schema ids are registry ids only; unset: the fixed ids of schemas/.",
+    )
+    schema_registry_user: str | None = Field(None, description="Basic-auth user of the registry.")
+    schema_registry_password: SecretStr | None = Field(
+        None, description="Basic-auth password of the registry."
+    )
+    schema_registry_ca_file: str | None = Field(
+        None, description="PEM CA bundle that verifies an https registry."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: str | None = Field(None, description="e.g. SCRAM-SHA-512, PLAIN.")
+    sasl_username: str | None = Field(None, description="SASL user.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    ssl_ca_location: str | None = Field(
+        None, description="PEM CA bundle that verifies the brokers (SSL, SASL_SSL)."
+    )
+    ssl_certificate_location: str | None = Field(
+        None, description="PEM client certificate (mutual TLS)."
+    )
+    ssl_key_location: str | None = Field(None, description="PEM private key of the certificate.")
+    ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted ssl_key_location."
+    )
+    web_config_file: str | None = Field(
+        None,
+        description="exporter-toolkit web config (YAML: tls_server_config, basic_auth_users "
+        "with bcrypt hashes) protecting /metrics, /healthz and /readyz.",
+    )
     kafka: dict[str, Any] = Field(
         default_factory=dict, description="Extra librdkafka settings (JSON), win over the above."
     )
@@ -155,7 +202,22 @@ class AggregatorSettings(BaseSettings):
             self.state_config()  # raises ValueError naming the field
         except OSError as exc:
             raise ValueError(f"drift_reference_file: {exc}") from None
+        self.schema_registry()  # raises ValueError naming the field
         return self
+
+    def schema_registry(self) -> SchemaRegistry | None:
+        """The registry client, or None when no ``schema_registry_url`` is set."""
+        if not self.schema_registry_url:
+            if self.schema_registry_user or self.schema_registry_ca_file:
+                raise ValueError("schema_registry_user/ca_file given without schema_registry_url")
+            return None
+        password = self.schema_registry_password
+        return SchemaRegistry(
+            self.schema_registry_url,
+            username=self.schema_registry_user,
+            password=None if password is None else password.get_secret_value(),
+            ca_file=self.schema_registry_ca_file,
+        )
 
     def state_config(self) -> StateConfig:
         """The part of the settings that shapes state (hashed into snapshots)."""
@@ -182,10 +244,14 @@ class AggregatorSettings(BaseSettings):
             reference_samples=load_reference_file(self.drift_reference_file)
             if self.drift_reference_file
             else (),
+            max_name_length=self.max_name_length,
+            max_rows_per_envelope=self.max_rows_per_envelope,
         )
 
     def _series_per_model_version(self, n_windows: int) -> int:
-        """Worst-case sample lines of one model version, to turn max_series into a cap."""
+        """Worst-case sample lines of one model version: ``max_series`` over it bounds the
+        model versions a partition tracks (memory). The shard-wide cap on lines is
+        applied at render time (``build_families(max_series=...)``)."""
         c, f, s = self.max_classes, self.max_features, self.max_segments
         hist = sum(
             len(_floats(b)) + 3
@@ -207,6 +273,15 @@ class AggregatorSettings(BaseSettings):
             config["sasl.username"] = self.sasl_username
         if self.sasl_password is not None:
             config["sasl.password"] = self.sasl_password.get_secret_value()
+        for key, value in (
+            ("ssl.ca.location", self.ssl_ca_location),
+            ("ssl.certificate.location", self.ssl_certificate_location),
+            ("ssl.key.location", self.ssl_key_location),
+        ):
+            if value:
+                config[key] = value
+        if self.ssl_key_password is not None:
+            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
         return config
 
     @property

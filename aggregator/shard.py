@@ -28,7 +28,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from aggregator.decode import (
     EventChunkBuilder,
@@ -44,6 +44,7 @@ from aggregator.metrics import ShardHealth, build_families
 from aggregator.server import MetricsServer
 from aggregator.settings import AggregatorSettings
 from aggregator.state import REJECT_REASONS, PartitionState, StateView
+from schemas.registry import RegistryError
 from schemas.wire import SchemaId, frame, parsed_schema
 
 __all__ = ["Shard"]
@@ -56,10 +57,87 @@ _STATE_MAX_BYTES = 64 * 1024 * 1024
 _ROWS_PER_INGEST = 65_536
 # Message bytes per consumed batch (see Shard.process_batch).
 _BATCH_BYTES = 16 * 1024 * 1024
+# A dead letter's value is cut to the dead-letter topic's limit minus this much room
+# for the key, the headers and the record batch around it.
+_DEAD_LETTER_ROOM = 16 * 1024
+_BROKER_DEFAULT_MAX_BYTES = 1_048_588
+# A partition whose fetch fails this many times in a row at one offset, over at least
+# _STUCK_SECONDS, is stuck; a message-level error there is skipped to the DLQ.
+_STUCK_ERRORS = 5
+_STUCK_SECONDS = 2.0
+_UNREADABLE = {
+    KafkaError._BAD_COMPRESSION: "undecompressable",
+    KafkaError._BAD_MSG: "unreadable",
+    2: "unreadable",  # CORRUPT_MESSAGE: a broker-side CRC or format error
+}
+# Header that marks a watermark marker as written by a shard of this group.
+MARKER_HEADER = "modelpulse.marker.group"
+# SIGTERM to exit: final dead letters + snapshot, leaving the group, last flush.
+# SIGTERM to exit: a periodic snapshot in progress, the final dead letters and
+# snapshot, leaving the group and a last flush each have their own timeout.
+_SNAPSHOT_SECONDS = 10.0
+_FINAL_SNAPSHOT_SECONDS = 10.0
+_CLOSE_SECONDS = 8.0
+_FINAL_FLUSH_SECONDS = 2.0
+SHUTDOWN_BOUND_SECONDS = (
+    _SNAPSHOT_SECONDS + _FINAL_SNAPSHOT_SECONDS + _CLOSE_SECONDS + _FINAL_FLUSH_SECONDS
+)
 
 
 def _snapshot_key(topic: str, partition: int) -> bytes:
     return f"{topic}/{partition}".encode()
+
+
+class _Stopping(Exception):
+    """Raised inside a restore when the shard is asked to stop meanwhile."""
+
+
+@dataclasses.dataclass
+class _DeadLetter:
+    """One dead letter as produced, kept until the broker has acknowledged it."""
+
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    attempts: int = 0
+
+    def truncated(self, limit: int) -> _DeadLetter:
+        """The same letter with its value cut to ``limit`` bytes, marked as cut."""
+        size = len(self.value or b"")
+        if any(k == "modelpulse.truncated" for k, _ in self.headers):
+            headers = self.headers
+        else:
+            headers = [
+                *self.headers,
+                ("modelpulse.truncated", b"true"),
+                ("modelpulse.original.size", str(size).encode()),
+            ]
+        value = self.value[: max(0, limit)] if self.value else self.value
+        return _DeadLetter(value, self.key, headers, self.attempts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unreadable:
+    """Where a message is that could not be fetched (stands in for the Message)."""
+
+    _topic: str
+    _partition: int
+    _offset: int
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> None:
+        return None
+
+    def key(self) -> None:
+        return None
 
 
 class _Renderer(threading.Thread):
@@ -68,15 +146,16 @@ class _Renderer(threading.Thread):
     def __init__(self, shard: Shard) -> None:
         super().__init__(name="modelpulse-render", daemon=True)
         self._shard = shard
-        self._pending: tuple[list[StateView], ShardHealth] | None = None
+        self._pending: tuple[list[StateView], ShardHealth, int | None] | None = None
         self._cond = threading.Condition()
         self._cache = LabelCache()
         self.renders = 0
         self.last_seconds = 0.0
 
-    def submit(self, views: list[StateView], health: ShardHealth) -> None:
+    def submit(self, views: list[StateView], health: ShardHealth, clears: int | None) -> None:
+        """Render these views next; once served, lift the /metrics refusal ``clears``."""
         with self._cond:
-            self._pending = (views, health)
+            self._pending = (views, health, clears)
             self._cond.notify()
 
     def run(self) -> None:
@@ -84,13 +163,20 @@ class _Renderer(threading.Thread):
             with self._cond:
                 while self._pending is None:
                     self._cond.wait()
-                views, health = self._pending
+                views, health, clears = self._pending
                 self._pending = None
             start = time.perf_counter()
             try:
-                families = build_families(views, self._shard.config, health)
+                families = build_families(
+                    views,
+                    self._shard.config,
+                    health,
+                    max_series=self._shard.settings.max_series,
+                )
                 payload = render_payload(families, self._cache)
                 self._shard.server.set_payload(payload.body, payload.gzip_body)
+                if clears is not None:
+                    self._shard._lift_refusal(clears)
             except Exception:
                 log.exception("render failed")
             self.last_seconds = time.perf_counter() - start
@@ -107,7 +193,7 @@ class Shard:
         self.settings = s = settings
         self.config = s.state_config()
         self.states: dict[int, PartitionState] = {}
-        self.resolver = SchemaResolver()
+        self.resolver = SchemaResolver(s.schema_registry())
         self.health = ShardHealth(up_since=time.time())
         self.server = MetricsServer(s.http_host, s.http_port)
         self._stop = threading.Event()
@@ -120,6 +206,17 @@ class Shard:
         self._last_render = 0.0
         self._last_snapshot = time.monotonic()
         self._delivery_errors = 0
+        self._unacked_dead_letters: list[_DeadLetter] = []  # refused or failed: produce again
+        self._dead_letter_max_bytes = _BROKER_DEFAULT_MAX_BYTES  # the DLQ's, see ensure_topics
+        # partition -> (offset, consecutive errors there, first of them, last error)
+        self._fetch_errors: dict[int, tuple[int, int, float, KafkaError]] = {}
+        self._closing = False
+        self.close_timed_out = False  # the entry point then exits without waiting on it
+        self._last_poll: float | None = None
+        self._gap_since: float | None = None  # a frozen loop seen; waiting for the group
+        self._rebalanced = False
+        self._refusal = 0  # generation of the current /metrics refusal (see _refuse)
+        self._refusal_lock = threading.Lock()
         self.batch_limit = s.batch_size  # messages per consume(); adapted to their size
         base = s.kafka_config()
         consumer_conf = {
@@ -130,7 +227,7 @@ class Shard:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
-            # The default 1 s backoff stalls a fast consumer (docs/architecture.md, reference figures).
+            # The default 1 s backoff stalls a fast consumer (docs/architecture.md, figures).
             "fetch.queue.backoff.ms": 20,
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
@@ -141,6 +238,14 @@ class Shard:
             **s.kafka,
         }
         self.consumer = Consumer(consumer_conf, logger=log)
+        session_s = float(consumer_conf["session.timeout.ms"]) / 1000
+        heartbeat_s = float(consumer_conf["heartbeat.interval.ms"]) / 1000
+        # Heartbeats stop only when the whole process stops (SIGSTOP, a VM pause), and
+        # the loop then stops too: a loop silent this long may have lost its partitions.
+        self._poll_gap_limit = max(1.0, session_s - 2 * heartbeat_s)
+        # Long enough for a heartbeat to answer and librdkafka to report a lost session.
+        self._confirm_seconds = max(3.0, 3 * heartbeat_s)
+        self.server.watch_loop(self._poll_gap_limit)
         self.producer = Producer(
             {
                 **base,
@@ -191,7 +296,12 @@ class Shard:
                     "segment.ms": "600000",
                 },
             ),
-            s.dead_letter_topic: NewTopic(s.dead_letter_topic, num_partitions=partitions),
+            # Every message the input takes must fit as a dead letter.
+            s.dead_letter_topic: NewTopic(
+                s.dead_letter_topic,
+                num_partitions=partitions,
+                config={"max.message.bytes": str(self._max_message_bytes(s.input_topic))},
+            ),
         }
         missing = [t for name, t in wanted.items() if name not in md.topics]
         if missing:
@@ -216,7 +326,35 @@ class Shard:
                 f"state topic {s.state_topic!r} has {have} partitions but input topic "
                 f"{s.input_topic!r} has {partitions}: they must be co-partitioned"
             )
+        self._dead_letter_max_bytes = min(
+            self._max_message_bytes(s.dead_letter_topic), _STATE_MAX_BYTES
+        )
+        log.info(
+            "dead letters over %d bytes are truncated to fit %s",
+            self._dead_letter_max_bytes - _DEAD_LETTER_ROOM,
+            s.dead_letter_topic,
+        )
         return partitions
+
+    def _max_message_bytes(self, topic: str) -> int:
+        """The topic's max.message.bytes, or the broker default if it cannot be read."""
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                configs = self._admin.describe_configs([resource])[resource].result(timeout=10)
+                return int(configs["max.message.bytes"].value)
+            except (KafkaException, KeyError, ValueError) as exc:
+                # A topic just created answers "unknown" for a moment.
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "max.message.bytes of %s unreadable (%s); assuming %d",
+                        topic,
+                        exc,
+                        _BROKER_DEFAULT_MAX_BYTES,
+                    )
+                    return _BROKER_DEFAULT_MAX_BYTES
+                time.sleep(0.5)
 
     # -- rebalance ---------------------------------------------------------------------
 
@@ -230,7 +368,9 @@ class Shard:
         reader.assign([TopicPartition(self.settings.state_topic, p, high - 1)])
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            msg = reader.poll(1.0)
+            if self._stop.is_set():
+                raise _Stopping
+            msg = reader.poll(0.5)
             if msg is None:
                 continue
             err = msg.error()
@@ -253,6 +393,8 @@ class Shard:
                         break
                     except KafkaException as exc:
                         # A topic just created, a leader moving: retriable for a while.
+                        if self._stop.is_set():
+                            raise _Stopping from exc
                         if time.monotonic() > deadline:
                             raise AggregatorError(
                                 f"partition {p}: snapshot unreadable: {exc}"
@@ -286,6 +428,12 @@ class Shard:
         mine = [tp.partition for tp in partitions if tp.topic == self.settings.input_topic]
         try:
             restored = self._restore(mine)
+        except _Stopping:
+            # Stopping anyway: take the partitions without state (nothing is counted or
+            # snapshotted for them) so that leaving the group is not held up by a restore.
+            log.info("stopping: partitions %s assigned without restoring", mine)
+            consumer.incremental_assign(partitions)
+            return
         except Exception as exc:
             log.error("restore failed: %s", exc)
             self.server.set_healthy(False, f"restore failed: {exc}")
@@ -303,20 +451,30 @@ class Shard:
             self._advanced[tp.partition] = (state.max_event_ms, time.monotonic())
         consumer.incremental_assign(partitions)
         self._force_render = True
+        self._rebalanced = True
+        self._last_poll = time.monotonic()  # a long restore is not a frozen loop
+        self.server.loop_alive(self._last_poll)
         self.server.set_ready(True)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = [tp.partition for tp in partitions if tp.partition in self.states]
-        try:
-            self._snapshot(gone, force=True)
-        except Exception as exc:  # the next owner replays from the previous snapshot
-            log.warning("final snapshot on revoke failed: %s", exc)
+        # The next owner may serve them as soon as this returns: stop serving them now.
+        self._refuse("partitions moving to another shard")
+        if not self._closing:  # on shutdown the final snapshot was just written
+            try:
+                self._snapshot(gone, force=True, timeout=_FINAL_SNAPSHOT_SECONDS)
+            except Exception as exc:  # the next owner replays from the previous snapshot
+                log.warning("final snapshot on revoke failed: %s", exc)
         self._drop(gone)
+        self._rebalanced = True
         consumer.incremental_unassign(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another shard may own them already: writing a snapshot now could go back in time.
+        self._refuse("partitions lost to another shard")
+        log.warning("partitions %s lost (session expired)", [tp.partition for tp in partitions])
         self._drop([tp.partition for tp in partitions])
+        self._rebalanced = True
         consumer.incremental_unassign(partitions)
 
     def _drop(self, partitions: list[int]) -> None:
@@ -335,9 +493,17 @@ class Shard:
             self._delivery_errors += 1
             log.error("snapshot delivery failed: %s", err)
 
-    def _snapshot(self, partitions: list[int] | None = None, *, force: bool = False) -> None:
-        """Write snapshots of changed partitions, wait for the acks, then commit offsets."""
+    def _snapshot(
+        self, partitions: list[int] | None = None, *, force: bool = False, timeout: float = 30.0
+    ) -> None:
+        """Write snapshots of changed partitions, wait for the acks, then commit offsets.
+
+        The dead letters produced so far are acknowledged first: a snapshot moves
+        ``next_offset`` past their messages, so it must not exist before they do.
+        """
         s = self.settings
+        deadline = time.monotonic() + timeout
+        self._settle_dead_letters(deadline)
         now = time.monotonic()
         todo = []
         for p in partitions if partitions is not None else list(self.states):
@@ -360,13 +526,16 @@ class Shard:
                 partition=state.partition,
                 on_delivery=self._delivered,
             )
-        left = self.producer.flush(30.0)
+        left = self.producer.flush(max(0.0, deadline - time.monotonic()))
         if left or self._delivery_errors:
             raise AggregatorError(
                 f"snapshots not acknowledged ({left} in flight); offsets not committed"
             )
         offsets = [TopicPartition(s.input_topic, st.partition, st.next_offset) for st in todo]
-        self.consumer.commit(offsets=offsets, asynchronous=False)
+        # The snapshot is what a new owner resumes from; the group's offsets only inform
+        # lag tools, so a commit never waits (a synchronous one can block a rebalance
+        # or a shutdown for as long as the coordinator does not answer).
+        self.consumer.commit(offsets=offsets, asynchronous=True)
         for state in todo:
             self._snapshotted[state.partition] = (state.version, now)
 
@@ -377,6 +546,12 @@ class Shard:
 
         Groups keep the numpy temporaries cache-sized and memory flat however large
         the consumed batch; the state does not depend on where groups are cut.
+
+        ``--max-future`` is measured against min(Kafka timestamp, this shard's clock at
+        ingest): a CreateTime timestamp is whatever the sender wrote, the clock is not.
+        The clock is read once per call and only ever lowers the bound, so a replay
+        decides as the first pass did except for an event that was further ahead than
+        ``max_future`` then and is not any more when replayed (RELIABILITY.md).
         """
         items: list[RowChunk | Marker | Heartbeat] = []
         builder = EventChunkBuilder()
@@ -386,6 +561,8 @@ class Shard:
         dead: list[tuple[Message, str, str, int]] = []
         read = self.resolver.read
         rows = 0
+        ingest_ms = int(time.time() * 1000)
+        group = self.settings.group_id.encode()
 
         def flush(filled: int) -> None:
             """Ingest what is pending; ``filled`` messages of ``offsets`` are set so far."""
@@ -407,7 +584,7 @@ class Shard:
             off = m.offset()
             offsets[i] = off
             _kind, ts = m.timestamp()
-            stamps[i] = ts if ts >= 0 else np.iinfo(np.int64).max // 2
+            stamps[i] = min(ts, ingest_ms) if ts >= 0 else ingest_ms
             by_offset[off] = m
             try:
                 kind, rec = read(m.value())
@@ -421,13 +598,22 @@ class Shard:
                     if len(builder):
                         items.append(builder.build())
                     if kind == SchemaId.PREDICTION_BATCH:
-                        chunk = decode_batch(rec, off)
+                        chunk = decode_batch(rec, off, state.config.max_rows_per_envelope)
                         items.append(chunk)
                         rows += len(chunk)
                     elif kind == SchemaId.RESOURCE_HEARTBEAT:
                         items.append(Heartbeat(off, rec))
                     elif kind == SchemaId.WATERMARK_MARKER:
-                        items.append(Marker(off, int(rec["event_time_ms"])))
+                        origin = dict(m.headers() or ()).get(MARKER_HEADER)
+                        if origin == group:
+                            items.append(Marker(off, int(rec["event_time_ms"])))
+                        elif origin is None:
+                            raise DecodeError(
+                                "untrusted_marker",
+                                f"watermark marker (origin {rec.get('origin')!r}) without the "
+                                f"{MARKER_HEADER} header that this group's shards write",
+                            )
+                        # else: another aggregator group's marker, not for us
                     else:
                         raise DecodeError(
                             "unexpected_schema", f"schema kind {kind} on the input topic"
@@ -442,7 +628,20 @@ class Shard:
         for m, reason, detail, n in dead:
             self._dead_letter(m, reason, detail, n)
 
-    def _dead_letter(self, m: Message, reason: str, detail: str, rows: int) -> None:
+    def _dead_letter(
+        self,
+        m: Message | _Unreadable,
+        reason: str,
+        detail: str,
+        rows: int,
+        *,
+        unreadable: bool = False,
+    ) -> None:
+        """Send a message to the dead-letter topic with why and where it came from.
+
+        ``unreadable``: the message could not be fetched, so the letter has no value,
+        only its coordinates.
+        """
         headers = [
             ("modelpulse.reason", reason.encode()),
             ("modelpulse.detail", detail[:500].encode()),
@@ -451,15 +650,84 @@ class Shard:
             ("modelpulse.source.offset", str(m.offset()).encode()),
             ("modelpulse.rows", str(rows).encode()),
         ]
+        letter = _DeadLetter(None, None, headers)
+        if not unreadable:
+            letter = _DeadLetter(m.value(), m.key(), headers)
+            room = self._dead_letter_room(letter)
+            if len(letter.value or b"") > room:
+                letter = letter.truncated(room)
+                self.health.dead_letters_truncated += 1
+                log.warning(
+                    "dead letter of %s[%d]@%d (%s) truncated to %d bytes to fit %s",
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    reason,
+                    room,
+                    self.settings.dead_letter_topic,
+                )
+        self._produce_dead_letter(letter)
+        self.health.dead_letter_messages += 1
+
+    def _dead_letter_room(self, letter: _DeadLetter) -> int:
+        extra = len(letter.key or b"") + sum(len(k) + len(v) + 8 for k, v in letter.headers)
+        return max(0, self._dead_letter_max_bytes - _DEAD_LETTER_ROOM - extra)
+
+    def _produce_dead_letter(self, letter: _DeadLetter) -> None:
+        """Produce one dead letter; a refusal puts it back in ``_unacked_dead_letters``."""
+        letter.attempts += 1
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                self._dead_letter_failed(letter, err)
+
         while True:
             try:
                 self.producer.produce(
-                    self.settings.dead_letter_topic, m.value(), m.key(), headers=headers
+                    self.settings.dead_letter_topic,
+                    letter.value,
+                    letter.key,
+                    headers=letter.headers,
+                    on_delivery=delivered,
                 )
-                break
+                return
             except BufferError:
                 self.producer.poll(0.1)
-        self.health.dead_letter_messages += 1
+            except KafkaException as exc:  # e.g. larger than the producer's own limit
+                self._dead_letter_failed(letter, exc.args[0])
+                return
+
+    def _dead_letter_failed(self, letter: _DeadLetter, err: KafkaError) -> None:
+        self.health.dead_letter_failures += 1
+        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and letter.value:
+            # The topic's limit is smaller than we read (or the batch around the letter
+            # is larger): keep only the headers, which always fit.
+            letter = letter.truncated(0)
+            self.health.dead_letters_truncated += 1
+        log.error(
+            "dead letter (%s) not written (attempt %d): %s; retrying before the next snapshot",
+            dict(letter.headers).get("modelpulse.reason", b"?").decode(errors="replace"),
+            letter.attempts,
+            err.str(),
+        )
+        self._unacked_dead_letters.append(letter)
+
+    def _settle_dead_letters(self, deadline: float) -> None:
+        """Wait until every dead letter produced so far is acknowledged, producing the
+        refused ones again; raise (so no snapshot moves past them) if that fails."""
+        for attempt in range(4):
+            left = self.producer.flush(max(0.0, deadline - time.monotonic()))
+            retry, self._unacked_dead_letters = self._unacked_dead_letters, []
+            if not retry and not left:
+                return
+            if attempt == 3 or time.monotonic() >= deadline:
+                self._unacked_dead_letters.extend(retry)
+                raise AggregatorError(
+                    f"{len(retry)} dead letters refused and {left} messages unacknowledged; "
+                    "no snapshot until they are written"
+                )
+            for letter in retry:
+                self._produce_dead_letter(letter)
 
     def _markers(self) -> None:
         """Append a watermark marker to owned partitions idle longer than idle_timeout."""
@@ -478,8 +746,19 @@ class Shard:
             self._advanced[p] = (seen, now)  # at most one marker per idle period
             if marker_ms <= state.max_event_ms:
                 continue
-            body = _encode_marker(marker_ms, s.shard_id)
-            self.producer.produce(s.input_topic, body, None, partition=p)
+            try:
+                marker_id = self.resolver.writer_id(SchemaId.WATERMARK_MARKER)
+            except RegistryError as exc:  # retried at the next idle period
+                log.warning("partition %d idle: no watermark marker (%s)", p, exc)
+                continue
+            body = _encode_marker(marker_ms, s.shard_id, marker_id)
+            self.producer.produce(
+                s.input_topic,
+                body,
+                None,
+                partition=p,
+                headers=[(MARKER_HEADER, s.group_id.encode())],
+            )
             log.debug("partition %d idle: watermark marker at %d", p, marker_ms)
 
     def _update_lag(self) -> None:
@@ -518,8 +797,52 @@ class Shard:
             self.health,
             lag=dict(self.health.lag),
             snapshot_age_seconds=dict(self.health.snapshot_age_seconds),
+            stuck_partitions=dict(self.health.stuck_partitions),
         )
-        self._renderer.submit(views, health)
+        # Views taken after a refusal may lift it, unless the group has still to confirm
+        # the assignment after a frozen loop.
+        self._renderer.submit(views, health, self._refusal if self._gap_since is None else None)
+
+    def _refuse(self, reason: str) -> None:
+        """Answer /metrics with 503 until a render of views taken after now is served."""
+        with self._refusal_lock:
+            self._refusal += 1
+            self.server.set_stale(reason)
+        self._force_render = True
+
+    def _lift_refusal(self, generation: int) -> None:
+        """Called by the renderer once views taken at ``generation`` are served."""
+        with self._refusal_lock:
+            if generation == self._refusal and self._gap_since is None:
+                self.server.set_stale(None)
+
+    def _watch_gap(self) -> None:
+        """Notice a loop that was frozen long enough to lose its session (see __init__).
+
+        Its payload may export partitions that another shard owns now, so /metrics is
+        refused until the group has spoken: a rebalance callback, or ``_confirm_seconds``
+        of polling without one (a heartbeat has then been answered).
+        """
+        now = time.monotonic()
+        last, self._last_poll = self._last_poll, now
+        if last is not None and now - last > self._poll_gap_limit:
+            log.warning(
+                "consumer loop was silent for %.1f s (limit %.1f s): /metrics refused until "
+                "the group confirms this shard's partitions",
+                now - last,
+                self._poll_gap_limit,
+            )
+            self._gap_since = now
+            self._rebalanced = False
+            self._refuse("consumer loop was frozen; waiting for the group")
+        elif self._gap_since is not None and (
+            self._rebalanced or now - self._gap_since >= self._confirm_seconds
+        ):
+            log.info("assignment confirmed after the frozen loop; serving /metrics again")
+            self._gap_since = None
+            self._force_render = True
+        # After the flag above, so the HTTP thread never sees a fresh poll and no refusal.
+        self.server.loop_alive(now)
 
     def process_batch(self, msgs: list[Message]) -> None:
         """Route one consumed batch to its partitions' states (what ``run`` does per poll).
@@ -535,9 +858,11 @@ class Shard:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", err)
+                    self._fetch_error(m, err)
                 continue
             p = m.partition()
+            if p in self._fetch_errors:
+                self._unstuck(p)
             state = self.states.get(p)
             # Skip what the state already holds (a seek can re-deliver).
             if state is None or m.offset() < state.next_offset:
@@ -553,6 +878,76 @@ class Shard:
             if nbytes:
                 wanted = len(msgs) * _BATCH_BYTES // nbytes
                 self.batch_limit = max(16, min(self.settings.batch_size, wanted))
+
+    def _fetch_error(self, m: Message, err: KafkaError) -> None:
+        """Track per-partition consume errors; skip a message that can never be read.
+
+        librdkafka reports a fetch it cannot decode (e.g. ``_BAD_COMPRESSION`` for a
+        message that decompresses beyond receive.message.max.bytes) on every fetch and
+        never moves on. After ``_STUCK_ERRORS`` in a row at one offset the partition is
+        reported stuck (log, /healthz, ``modelpulse_partition_stuck``); if the error is
+        about the message itself, the message is dead-lettered by its coordinates (its
+        value is unavailable) and the partition resumes after it.
+        """
+        p, off = m.partition(), m.offset()
+        state = self.states.get(p) if p is not None else None
+        if p is None or state is None or off is None or off < 0:
+            log.warning("consume error: %s", err)
+            return
+        now = time.monotonic()
+        at, n, since, _last = self._fetch_errors.get(p, (off, 0, now, err))
+        if at != off:
+            at, n, since = off, 0, now
+        n += 1
+        self._fetch_errors[p] = (at, n, since, err)
+        if n < _STUCK_ERRORS or now - since < _STUCK_SECONDS:
+            log.warning("consume error on partition %d at offset %d: %s", p, off, err)
+            return
+        if self.health.stuck_partitions.get(p) != 1:
+            log.error(
+                "partition %d stuck at offset %d: %d errors in %.1f s: %s",
+                p,
+                off,
+                n,
+                now - since,
+                err,
+            )
+            self.health.stuck_partitions[p] = 1
+            self._refresh_health()
+        reason = _UNREADABLE.get(err.code())
+        if reason is None:
+            return  # not the message's fault (authorization, a deleted topic...): report only
+        skip = max(off, state.next_offset)
+        detail = f"offset {skip} unreadable after {n} fetches: {err.name()}: {err.str()}"
+        log.error("partition %d: dead-lettering offset %d (%s) and moving on", p, skip, reason)
+        self._dead_letter(
+            _Unreadable(m.topic() or self.settings.input_topic, p, skip),
+            reason,
+            detail,
+            1,
+            unreadable=True,
+        )
+        state.count_rejected(reason)
+        state.next_offset = skip + 1
+        try:
+            self.consumer.seek(TopicPartition(self.settings.input_topic, p, skip + 1))
+        except KafkaException as exc:  # the next errors find it again
+            log.warning("partition %d: seek past offset %d failed: %s", p, skip, exc)
+        self._unstuck(p)
+
+    def _unstuck(self, p: int) -> None:
+        self._fetch_errors.pop(p, None)
+        if self.health.stuck_partitions.pop(p, None):
+            log.info("partition %d moves again", p)
+            self._refresh_health()
+
+    def _refresh_health(self) -> None:
+        stuck = sorted(p for p, v in self.health.stuck_partitions.items() if v)
+        if stuck:
+            self.server.set_healthy(False, f"partitions stuck: {stuck}")
+        elif self._fatal is None:
+            self.server.set_healthy(True)
+        self._force_render = True
 
     def stop(self) -> None:
         """Ask the loop to finish: final snapshots, commit, leave the group."""
@@ -580,6 +975,7 @@ class Shard:
         self.server.set_ready(True)
         try:
             while not self._stop.is_set():
+                self._watch_gap()
                 msgs = self.consumer.consume(self.batch_limit, 0.1)
                 self.process_batch(msgs)
                 self.producer.poll(0)
@@ -587,7 +983,7 @@ class Shard:
                 if now - self._last_snapshot >= s.snapshot_interval_seconds:
                     self._last_snapshot = now
                     try:
-                        self._snapshot()
+                        self._snapshot(timeout=_SNAPSHOT_SECONDS)
                     except (AggregatorError, KafkaException) as exc:
                         log.error("snapshot failed (will retry): %s", exc)
                     self._markers()
@@ -600,20 +996,43 @@ class Shard:
             raise self._fatal
 
     def _shutdown(self) -> None:
+        """Final snapshot, leave the group, flush: each step bounded (see
+        SHUTDOWN_BOUND_SECONDS), so SIGTERM exits even while the group rebalances."""
+        start = time.monotonic()
+        self._closing = True
         try:
             if self._fatal is None:
-                self._snapshot(force=True)
+                self._snapshot(force=True, timeout=_FINAL_SNAPSHOT_SECONDS)
         except Exception as exc:
             log.error("final snapshot failed: %s", exc)
+        # close() runs the revoke callback and waits for the coordinator; a group in the
+        # middle of a rebalance can keep it waiting. The snapshot above is what the next
+        # owner resumes from, so giving up on a slow goodbye loses nothing.
+        closer = threading.Thread(target=self._close_consumer, name="modelpulse-close")
+        closer.daemon = True
+        closer.start()
+        closer.join(_CLOSE_SECONDS)
+        if closer.is_alive():
+            self.close_timed_out = True
+            log.warning(
+                "leaving the group took over %.0f s; exiting anyway (the group reassigns "
+                "the partitions after the session timeout)",
+                _CLOSE_SECONDS,
+            )
+        left = self.producer.flush(_FINAL_FLUSH_SECONDS)
+        if left:
+            log.warning("%d messages (markers) not flushed at exit", left)
+        self.server.stop()
+        log.info("stopped in %.1f s", time.monotonic() - start)
+
+    def _close_consumer(self) -> None:
         try:
             self.consumer.close()
         except Exception as exc:
             log.warning("consumer close: %s", exc)
-        self.producer.flush(10)
-        self.server.stop()
 
 
-def _encode_marker(event_time_ms: int, origin: str) -> bytes:
+def _encode_marker(event_time_ms: int, origin: str, schema_id: int) -> bytes:
     import io  # noqa: PLC0415
 
     from fastavro import schemaless_writer  # noqa: PLC0415
@@ -624,4 +1043,4 @@ def _encode_marker(event_time_ms: int, origin: str) -> bytes:
         parsed_schema(SchemaId.WATERMARK_MARKER),
         {"event_time_ms": event_time_ms, "origin": origin},
     )
-    return frame(SchemaId.WATERMARK_MARKER, out.getvalue())
+    return frame(schema_id, out.getvalue())

@@ -14,14 +14,14 @@ import io
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 import numpy as np
 
-from aggregator.catalog import Catalog, Limits
-from aggregator.decode import Heartbeat, Marker, RowChunk
+from aggregator.catalog import MACRO, OVERFLOW, Catalog, Limits
+from aggregator.decode import MAX_ROWS_PER_ENVELOPE, Heartbeat, Marker, RowChunk
 from aggregator.errors import ConfigMismatch
 from aggregator.window import NO_TIME, closed_panes, late_mask
 
@@ -43,7 +43,9 @@ RESOURCE_TTL_MS: Final = 600_000  # an instance silent this long (event time) is
 MAX_INSTANCES: Final = 256  # resource series per partition
 _DRIFT_RANGE: Final = 8.0  # asinh space: |x| up to ~1490 gets its own bins
 
-# Row-level reasons a prediction is rejected (dead-lettered); order is the code.
+# Reasons a row (or a heartbeat, or a whole envelope) is rejected and dead-lettered;
+# the position is the code. Append only: snapshots store the counts by name, but the
+# codes travel in ``IngestResult``.
 REJECT_REASONS: Final = (
     "invalid_latency",
     "unknown_outcome",
@@ -51,8 +53,37 @@ REJECT_REASONS: Final = (
     "invalid_event_time",
     "kind_mismatch",
     "late",
+    "name_too_long",
+    "reserved_name",
+    "empty_model",
+    "invalid_value",
+    "invalid_heartbeat",
+    "envelope_too_large",  # raised by decode_batch as a DecodeError, before any column
 )
-_R_LATENCY, _R_OUTCOME, _R_SCORE, _R_TIME, _R_KIND, _R_LATE = range(len(REJECT_REASONS))
+(
+    _R_LATENCY,
+    _R_OUTCOME,
+    _R_SCORE,
+    _R_TIME,
+    _R_KIND,
+    _R_LATE,
+    _R_NAME_LONG,
+    _R_RESERVED,
+    _R_EMPTY_MODEL,
+    _R_VALUE,
+    _R_HEARTBEAT,
+    _R_ENVELOPE,
+) = range(len(REJECT_REASONS))
+
+# Largest magnitude of a regression prediction/label or a latency: beyond it a square
+# (RMSE) or a running sum could overflow to inf and poison the cumulative sums for good.
+MAX_ABS_VALUE: Final = 1e100
+# Names the exposition itself uses as label values: a class "macro" would collide with
+# the macro average, any name "__overflow__" with the overflow bucket of a cap.
+RESERVED_NAMES: Final = frozenset({OVERFLOW})
+RESERVED_CLASSES: Final = frozenset({OVERFLOW, MACRO})
+MAX_GPUS: Final = 64  # GPUs in one heartbeat; more is a broken or hostile sender
+SLICE_ROWS: Final = 65_536  # rows per ingest step: bounds the temporaries of one call
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +132,10 @@ class StateConfig:
     # Sample values per model (see ``load_reference_file``); not part of the digest:
     # it only shapes drift gauges, which are recomputed from panes at every render.
     reference_samples: tuple[tuple[str, str, str], ...] = ()
+    # Input limits: not part of the digest either. They shape no array, so a snapshot
+    # stays valid when they change; the new limit applies from the next message on.
+    max_name_length: int = 256
+    max_rows_per_envelope: int = MAX_ROWS_PER_ENVELOPE
 
     def __post_init__(self) -> None:
         if self.pane_ms <= 0:
@@ -114,6 +149,8 @@ class StateConfig:
             raise ValueError(
                 "drift_reference_ms: a multiple of the pane, at most the longest window"
             )
+        if self.max_name_length < 1 or self.max_rows_per_envelope < 1:
+            raise ValueError("max_name_length, max_rows_per_envelope: must be >= 1")
         for name in ("latency_bounds", "score_bounds", "error_bounds"):
             b = getattr(self, name)
             if not b or any(not math.isfinite(x) for x in b) or list(b) != sorted(set(b)):
@@ -125,7 +162,8 @@ class StateConfig:
 
     def digest(self) -> str:
         fields = asdict(self)
-        fields.pop("reference_samples")
+        for name in ("reference_samples", "max_name_length", "max_rows_per_envelope"):
+            fields.pop(name)
         doc = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
@@ -218,6 +256,33 @@ def _dense(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     present = np.bincount(offset, minlength=hi - lo + 1) > 0
     position = np.cumsum(present) - 1
     return np.flatnonzero(present) + lo, position[offset]
+
+
+def _groups(
+    items: Sequence[RowChunk | Marker | Heartbeat], limit: int
+) -> Iterator[list[RowChunk | Marker | Heartbeat]]:
+    """Consecutive items in groups of at most ``limit`` rows, cutting large chunks."""
+    group: list[RowChunk | Marker | Heartbeat] = []
+    rows = 0
+    for item in items:
+        if not isinstance(item, RowChunk):
+            group.append(item)
+            rows += 1
+        else:
+            start, n = 0, len(item)
+            while start < n:
+                take = min(n - start, limit - rows)
+                group.append(item if take == n else item.rows(start, start + take))
+                start += take
+                rows += take
+                if rows >= limit:
+                    yield group
+                    group, rows = [], 0
+        if rows >= limit:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group
 
 
 def _drift_bin(values: np.ndarray) -> np.ndarray:
@@ -327,67 +392,203 @@ class PartitionState:
 
     # -- ingest ------------------------------------------------------------------------
 
-    def _intern(self, chunk: RowChunk) -> tuple[np.ndarray, ...]:
-        """Global ids for a chunk's model-versions, classes, segments and features."""
+    def _name_reasons(self, chunk: RowChunk) -> np.ndarray | None:
+        """Per-row reason for a bad name (too long, reserved, empty model), or None.
+
+        One check per distinct name of the chunk's dictionaries, then a lookup by code.
+        """
+        limit = self.config.max_name_length
+
+        def check(names: list[str], reserved: frozenset[str]) -> np.ndarray | None:
+            codes = [
+                _R_NAME_LONG if len(x) > limit else _R_RESERVED if x in reserved else -1
+                for x in names
+            ]
+            if max(codes, default=-1) < 0:
+                return None
+            return np.array([*codes, -1], dtype=np.int64)  # code -1 (none) maps to -1
+
+        keys = [
+            _R_EMPTY_MODEL
+            if not model
+            else _R_NAME_LONG
+            if len(model) > limit or len(version) > limit
+            else _R_RESERVED
+            if OVERFLOW in (model, version)
+            else -1
+            for model, version in chunk.mv_keys
+        ]
+        row: np.ndarray | None = None
+        if max(keys, default=-1) >= 0:
+            row = np.asarray(keys, dtype=np.int64)[chunk.mv]
+        n = len(chunk)
+
+        def merge(found: np.ndarray) -> None:
+            nonlocal row
+            row = found if row is None else np.maximum(row, found)
+
+        table = check(chunk.classes, RESERVED_CLASSES)
+        if table is not None and chunk.pred_code.size:
+            merge(np.maximum(table[chunk.pred_code], table[chunk.label_code]))
+        table = check(chunk.segments, RESERVED_NAMES)
+        if table is not None:
+            merge(table[chunk.segment])
+        table = check(chunk.feature_names, RESERVED_NAMES)
+        if table is not None and chunk.feat_row.size:
+            per_row = np.full(n, -1, dtype=np.int64)
+            np.maximum.at(per_row, chunk.feat_row, table[chunk.feat_code])
+            merge(per_row)
+        return row
+
+    def _heartbeat(self, r: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(reason or -1, the record with GPUs de-duplicated by index, the last wins)."""
+        limit = self.config.max_name_length
+        if len(str(r["service"])) > limit or len(str(r["instance"])) > limit:
+            return _R_NAME_LONG, r
+        gpus = r.get("gpus") or []
+        if len(gpus) > MAX_GPUS:
+            return _R_HEARTBEAT, r
+        for key in ("cpu_usage_ratio", "disk_usage_ratio"):
+            value = r.get(key)
+            if value is not None and not 0.0 <= value <= 1.0:  # NaN and inf fail too
+                return _R_HEARTBEAT, r
+        memory = r.get("memory_usage_bytes")
+        if memory is not None and memory < 0:
+            return _R_HEARTBEAT, r
+        by_index: dict[int, dict[str, Any]] = {}
+        for gpu in gpus:
+            used = gpu.get("memory_used_bytes")
+            util = gpu["utilization_ratio"]
+            if gpu["index"] < 0 or not 0.0 <= util <= 1.0 or (used is not None and used < 0):
+                return _R_HEARTBEAT, r
+            by_index[int(gpu["index"])] = gpu
+        if len(by_index) != len(gpus):
+            r = {**r, "gpus": [by_index[i] for i in sorted(by_index)]}
+        return -1, r
+
+    def _intern_fn(self, table: str) -> Any:
         cat = self.catalog
+        return {"classes": cat.class_id, "segments": cat.segment_id, "features": cat.feature_id}[
+            table
+        ]
+
+    def _lookup(
+        self,
+        g: int,
+        names: list[str],
+        columns: tuple[np.ndarray, ...],
+        accept: np.ndarray,
+        table: str,
+    ) -> list[np.ndarray]:
+        """``_remap`` for a chunk of one model-version ``g``: one table, one lookup.
+
+        ``columns`` are codes of the same rows, in log order within a row (prediction
+        before label); names new to ``g`` are interned in order of first appearance.
+        """
+        known = getattr(self.catalog.entries[g], table)
+        lut = np.array([known.get(x, -2) for x in names] + [-1], dtype=np.int64)
+        if (lut == -2).any():  # names new to this model-version, if accepted rows use them
+            first: dict[int, int] = {}
+            k = len(columns)
+            for j, codes in enumerate(columns):
+                sel = np.flatnonzero(accept & (lut[codes] == -2))
+                if sel.size:
+                    uc, at = np.unique(codes[sel], return_index=True)
+                    for code, row in zip(uc.tolist(), sel[at].tolist(), strict=True):
+                        first[code] = min(first.get(code, row * k + j), row * k + j)
+            intern = self._intern_fn(table)
+            for code in sorted(first, key=first.__getitem__):
+                lut[code] = intern(g, names[code])
+        return [np.where(accept, lut[codes], -1) for codes in columns]
+
+    def _remap(
+        self,
+        codes: np.ndarray,
+        gkeys: np.ndarray,
+        names: list[str],
+        accept: np.ndarray,
+        table: str,
+        halves: int = 0,
+    ) -> np.ndarray:
+        """Chunk-local codes of accepted rows -> per-model-version ids (-1 elsewhere).
+
+        Names new to the catalog are interned in order of first appearance in the log,
+        so ids do not depend on batch cuts. The log order is the array order, or with
+        ``halves`` = n the arrays are two columns of n rows (prediction, then label)
+        and row i's prediction comes before its label, which comes before row i + 1.
+        """
+        out = np.full(codes.shape[0], -1, dtype=np.int64)
+        sel = np.flatnonzero(accept & (codes >= 0))
+        if not sel.size:
+            return out
+        width = len(names)
+        uniq, inverse = _dense(gkeys[sel] * width + codes[sel])
+        ids = np.empty(uniq.size, dtype=np.int64)
+        entries = self.catalog.entries
+        missing = []
+        for j, pair in enumerate(uniq.tolist()):
+            g, code = divmod(pair, width)
+            found = getattr(entries[g], table).get(names[code])
+            if found is None:
+                missing.append(j)
+            else:
+                ids[j] = found
+        if missing:
+            first = np.full(uniq.size, sel.size, dtype=np.int64)
+            np.minimum.at(first, inverse, np.arange(sel.size))
+            at = sel[first]
+            if halves:
+                at = (at % halves) * 2 + at // halves
+            intern = self._intern_fn(table)
+            for j in sorted(missing, key=lambda j: int(at[j])):
+                g, code = divmod(int(uniq[j]), width)
+                ids[j] = intern(g, names[code])
+        out[sel] = ids[inverse]
+        return out
+
+    def _admit(
+        self, chunk: RowChunk, cand: np.ndarray, has_val: np.ndarray, has_cls: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Intern the model-versions of a chunk's candidate rows (valid, not late).
+
+        Returns (global model-version per row, -1 where not a candidate; rows whose
+        prediction or label has the other kind than their model). A new model-version
+        takes the kind of its first informative candidate row and the event time of its
+        first candidate row, both in log order: rejected rows never shape the catalog.
+        """
+        idx = np.flatnonzero(cand)
+        mv_out = np.full(len(chunk), -1, dtype=np.int64)
+        if not idx.size:
+            return mv_out, np.zeros(len(chunk), dtype=bool)
         n_keys = len(chunk.mv_keys)
+        keys = chunk.mv[idx]
         if n_keys == 1:
-            first = np.array([chunk.event_time_ms.min() if len(chunk) else 0], dtype=np.int64)
+            firsts = idx[:1]
         else:
-            first = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)
-            np.minimum.at(first, chunk.mv, chunk.event_time_ms)
-        gid = np.empty(n_keys, dtype=np.int64)
+            _, at = np.unique(keys, return_index=True)
+            firsts = idx[np.sort(at)]  # first candidate row of each key, in log order
+        info = idx[has_val[idx] | has_cls[idx]]
+        kind: dict[int, bool] = {}
+        if info.size:
+            if n_keys == 1:
+                kind[0] = bool(has_val[info[0]])
+            else:
+                uk, at = np.unique(chunk.mv[info], return_index=True)
+                kind = dict(zip(uk.tolist(), has_val[info[at]].tolist(), strict=True))
+        cat = self.catalog
+        gid = np.full(n_keys, -1, dtype=np.int64)
         is_reg = np.zeros(n_keys, dtype=bool)
-        for k, ((model, version), regression) in enumerate(
-            zip(chunk.mv_keys, chunk.regression, strict=True)
-        ):
-            g = cat.model_version(model, version, regression, int(first[k]))
+        for row in firsts.tolist():
+            k = int(chunk.mv[row])
+            model, version = chunk.mv_keys[k]
+            g = cat.model_version(model, version, kind.get(k), int(chunk.event_time_ms[row]))
             gid[k] = g
             is_reg[k] = cat.entries[g].regression is True
         self._grow(len(cat))
-        mv = gid[chunk.mv]
-        n = len(chunk)
-
-        def remap(codes: np.ndarray, names: list[str], keys: np.ndarray, intern: Any) -> np.ndarray:
-            """Chunk-local codes -> per-model-version ids, one intern call per distinct pair."""
-            if n_keys == 1:
-                # One model-version (an envelope): a lookup table, -1 maps to its last slot.
-                if not names:
-                    return np.full(codes.shape[0], -1, dtype=np.int64)
-                table = np.array([intern(int(gid[0]), name) for name in names] + [-1])
-                return np.asarray(table[codes])
-            out = np.full(codes.shape[0], -1, dtype=np.int64)
-            ok = codes >= 0
-            if not ok.any():
-                return out
-            width = len(names)
-            pairs = keys[ok].astype(np.int64) * width + codes[ok]
-            uniq, inverse = np.unique(pairs, return_inverse=True)
-            ids = np.array([intern(int(gid[p // width]), names[p % width]) for p in uniq.tolist()])
-            out[ok] = ids[inverse]
-            return out
-
-        if chunk.pred_code.size:
-            pred = remap(chunk.pred_code, chunk.classes, chunk.mv, cat.class_id)
-            label = remap(chunk.label_code, chunk.classes, chunk.mv, cat.class_id)
-        else:
-            pred = label = np.full(n, -1, dtype=np.int64)
-        seg = remap(chunk.segment, chunk.segments, chunk.mv, cat.segment_id)
-        feat_keys = chunk.mv[chunk.feat_row] if chunk.feat_row.size else chunk.feat_code
-        feat = remap(chunk.feat_code, chunk.feature_names, feat_keys, cat.feature_id)
-        pred_value = chunk.pred_value if chunk.pred_value.size else np.full(n, np.nan)
-        label_value = chunk.label_value if chunk.label_value.size else np.full(n, np.nan)
-        # A row whose prediction or label has the other kind than its model is rejected;
-        # the other kind's columns are blanked so nothing of it is binned.
+        mv_out[idx] = gid[keys]
         row_reg = is_reg[chunk.mv]
-        has_value = ~np.isnan(pred_value) | ~np.isnan(label_value)
-        has_class = (pred >= 0) | (label >= 0)
-        bad = np.where(row_reg, has_class, has_value)
-        pred_value = np.where(row_reg, pred_value, np.nan)
-        label_value = np.where(row_reg, label_value, np.nan)
-        pred = np.where(row_reg, -1, pred)
-        label = np.where(row_reg, -1, label)
-        return mv, bad, pred, label, pred_value, label_value, seg, feat
+        mismatch = cand & np.where(row_reg, has_cls, has_val)
+        return mv_out, mismatch
 
     def ingest(
         self,
@@ -399,89 +600,104 @@ class PartitionState:
         """Add a batch of decoded messages (in log order); returns the rejected rows.
 
         ``message_offsets``/``message_timestamps_ms`` list every message of the batch
-        (sorted), for the future-event check against the log's own timestamp.
+        (sorted), for the future-event check against the log's own timestamp. Rows are
+        taken in groups of at most ``SLICE_ROWS`` (a large envelope is cut into slices),
+        so the temporaries stay bounded; the state does not depend on where cuts fall.
         """
-        cols: dict[str, list[np.ndarray]] = {
-            k: []
-            for k in (
-                "mv",
-                "bad",
-                "pred",
-                "label",
-                "pv",
-                "lv",
-                "seg",
-                "t",
-                "lat",
-                "out",
-                "score",
-                "off",
-            )
-        }
-        feats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        offsets, reasons, accepted = [], [], 0
+        for group in _groups(items, SLICE_ROWS):
+            off, why, n = self._ingest_group(group, message_offsets, message_timestamps_ms)
+            offsets.append(off)
+            reasons.append(why)
+            accepted += n
+        self.next_offset = next_offset
+        if not offsets:
+            return IngestResult(np.empty(0, np.int64), np.empty(0, np.int64), 0)
+        return IngestResult(np.concatenate(offsets), np.concatenate(reasons), accepted)
+
+    def _ingest_group(
+        self,
+        items: list[RowChunk | Marker | Heartbeat],
+        message_offsets: np.ndarray,
+        message_timestamps_ms: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Validate, then intern only what is accepted, then bin (see ``ingest``)."""
+        names = ("t", "lat", "out", "score", "off", "pv", "lv", "val", "cls", "why", "row")
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in names}
+        chunks: list[tuple[int, RowChunk]] = []
+        beats: list[tuple[int, dict[str, Any]]] = []
         base = 0
         for item in items:
             if isinstance(item, RowChunk):
-                mv, bad, pred, label, pv, lv, seg, feat = self._intern(item)
+                n = len(item)
+                pv = item.pred_value if item.pred_value.size else np.full(n, np.nan)
+                lv = item.label_value if item.label_value.size else np.full(n, np.nan)
+                if item.pred_code.size:
+                    has_cls = (item.pred_code >= 0) | (item.label_code >= 0)
+                else:
+                    has_cls = np.zeros(n, dtype=bool)
+                why = self._name_reasons(item)
                 for key, arr in (
-                    ("mv", mv),
-                    ("bad", bad),
-                    ("pred", pred),
-                    ("label", label),
-                    ("pv", pv),
-                    ("lv", lv),
-                    ("seg", seg),
                     ("t", item.event_time_ms),
                     ("lat", item.latency_seconds),
                     ("out", item.outcome),
                     ("score", item.score),
                     ("off", item.offset),
+                    ("pv", pv),
+                    ("lv", lv),
+                    ("val", ~np.isnan(pv) | ~np.isnan(lv)),
+                    ("cls", has_cls),
+                    ("why", np.full(n, -1, dtype=np.int64) if why is None else why),
+                    ("row", np.ones(n, dtype=bool)),
                 ):
                     cols[key].append(arr)
-                feats.append((item.feat_row + base, feat, item.feat_value))
-                base += len(item)
+                chunks.append((base, item))
+                base += n
+                continue
+            # A message that only moves the watermark (and, for a heartbeat, resources).
+            own = -1
+            if isinstance(item, Heartbeat):
+                own, record = self._heartbeat(item.record)
+                beats.append((base, record))
+                t_ms = int(record["event_time_ms"])
             else:
-                if isinstance(item, Heartbeat):
-                    r = item.record
-                    self.resources[f"{r['service']}\x00{r['instance']}"] = r
-                    t_ms = int(r["event_time_ms"])
-                else:
-                    t_ms = item.event_time_ms
-                # A row that only moves the watermark.
-                for key, value in (
-                    ("mv", -1),
-                    ("bad", False),
-                    ("pred", -1),
-                    ("label", -1),
-                    ("pv", np.nan),
-                    ("lv", np.nan),
-                    ("seg", -1),
-                    ("t", t_ms),
-                    ("lat", 0.0),
-                    ("out", 0),
-                    ("score", np.nan),
-                    ("off", item.offset),
-                ):
-                    cols[key].append(np.array([value]))
-                base += 1
-        self.next_offset = next_offset
+                t_ms = item.event_time_ms
+            for key, value in (
+                ("t", t_ms),
+                ("lat", 0.0),
+                ("out", 0),
+                ("score", np.nan),
+                ("off", item.offset),
+                ("pv", np.nan),
+                ("lv", np.nan),
+                ("val", False),
+                ("cls", False),
+                ("why", own),
+                ("row", False),
+            ):
+                cols[key].append(np.array([value]))
+            base += 1
         if not base:
-            return IngestResult(np.empty(0, np.int64), np.empty(0, np.int64), 0)
+            return np.empty(0, np.int64), np.empty(0, np.int64), 0
         c = {k: np.concatenate(v) for k, v in cols.items()}
-        mv = c["mv"].astype(np.int64)
         t = c["t"].astype(np.int64)
         lat, out, score = c["lat"], c["out"].astype(np.int64), c["score"]
-        is_row = mv >= 0
+        pv, lv, has_val, has_cls = c["pv"], c["lv"], c["val"], c["cls"]
+        is_row = c["row"]
 
         reason = np.full(base, -1, dtype=np.int64)
-        # Later assignments win, so the list runs from least to most specific.
-        ts = message_timestamps_ms[np.searchsorted(message_offsets, c["off"])]
-        reason[c["bad"]] = _R_KIND
+        # Checks that need neither the catalog nor the watermark. Later assignments win,
+        # so the list runs from least to most specific.
+        reason[has_val & has_cls] = _R_KIND  # a value and a class in one row
+        reason[(np.abs(pv) > MAX_ABS_VALUE) | (np.abs(lv) > MAX_ABS_VALUE)] = _R_VALUE
         reason[(score < 0) | (score > 1)] = _R_SCORE
         reason[out >= _VALID_OUTCOMES] = _R_OUTCOME
-        reason[~(lat >= 0) | ~np.isfinite(lat)] = _R_LATENCY
+        reason[~((lat >= 0) & (lat <= MAX_ABS_VALUE))] = _R_LATENCY
+        named = c["why"] >= 0
+        reason[named] = c["why"][named]
+        reason[~is_row] = c["why"][~is_row]  # markers and heartbeats: their own checks only
+        ts = message_timestamps_ms[np.searchsorted(message_offsets, c["off"])]
         reason[(t < 0) | (t > ts + self.config.max_future_ms)] = _R_TIME
-        reason[~is_row & (reason != _R_TIME)] = -1  # markers only need a sane time
         valid = reason < 0
         cfg = self.config
         late_v, self.max_event_ms = late_mask(
@@ -490,9 +706,69 @@ class PartitionState:
         late = np.zeros(base, dtype=bool)
         late[valid] = late_v
         reason[late & is_row] = _R_LATE
-        keep = valid & ~late & is_row
-        self._bin(keep, mv, t, lat, out, score, c, feats)
+        cand = valid & ~late & is_row
+
+        # Only now the catalog: model-versions, then the names of accepted rows.
+        mv = np.full(base, -1, dtype=np.int64)
+        pred = np.full(base, -1, dtype=np.int64)
+        label = np.full(base, -1, dtype=np.int64)
+        seg = np.full(base, -1, dtype=np.int64)
+        feats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for b0, chunk in chunks:
+            n = len(chunk)
+            part = slice(b0, b0 + n)
+            gmv, mismatch = self._admit(chunk, cand[part], has_val[part], has_cls[part])
+            reason[part][mismatch] = _R_KIND
+            acc = cand[part] & ~mismatch
+            mv[part] = gmv
+            if not acc.any():
+                continue
+            with_cls = bool(chunk.pred_code.size) and bool(has_cls[part][acc].any())
+            f_acc = acc[chunk.feat_row] if chunk.feat_row.size else None
+            if len(chunk.mv_keys) == 1:  # an envelope: lookup tables, no sorting
+                g = int(gmv[np.argmax(acc)])
+                if with_cls:
+                    pred[part], label[part] = self._lookup(
+                        g, chunk.classes, (chunk.pred_code, chunk.label_code), acc, "classes"
+                    )
+                (seg[part],) = self._lookup(g, chunk.segments, (chunk.segment,), acc, "segments")
+                if f_acc is not None:
+                    (fid,) = self._lookup(
+                        g, chunk.feature_names, (chunk.feat_code,), f_acc, "features"
+                    )
+                    feats.append((chunk.feat_row + b0, fid, chunk.feat_value))
+                continue
+            if with_cls:
+                both = self._remap(
+                    np.concatenate([chunk.pred_code, chunk.label_code]),
+                    np.concatenate([gmv, gmv]),
+                    chunk.classes,
+                    np.concatenate([acc, acc]),
+                    "classes",
+                    halves=n,
+                )
+                pred[part], label[part] = both[:n], both[n:]
+            seg[part] = self._remap(chunk.segment, gmv, chunk.segments, acc, "segments")
+            if f_acc is not None:
+                fid = self._remap(
+                    chunk.feat_code, gmv[chunk.feat_row], chunk.feature_names, f_acc, "features"
+                )
+                feats.append((chunk.feat_row + b0, fid, chunk.feat_value))
+        keep = cand & (reason < 0)
+        self._bin(
+            keep,
+            mv,
+            t,
+            lat,
+            out,
+            score,
+            {"pred": pred, "label": label, "pv": pv, "lv": lv, "seg": seg},
+            feats,
+        )
         self._close(closed_panes(self.max_event_ms, cfg.lateness_ms, cfg.pane_ms))
+        for at, record in beats:
+            if reason[at] < 0:
+                self.resources[f"{record['service']}\x00{record['instance']}"] = record
         if self.resources:
             self._prune_resources()
 
@@ -506,7 +782,7 @@ class PartitionState:
         accepted = int(keep.sum())
         self.events_accepted += accepted
         self.version += 1
-        return IngestResult(c["off"][bad], reason[bad], accepted)
+        return c["off"][bad], reason[bad], accepted
 
     def _prune_resources(self) -> None:
         """Forget instances silent for RESOURCE_TTL_MS of event time; keep at most
@@ -621,10 +897,11 @@ class PartitionState:
         for i, k in enumerate(panes.tolist()):
             slot = k % ring_size
             if self.pane_of_slot[slot] != k:
-                if not self.slot_closed[slot]:
-                    # An older pane still open in this slot: it is closed by this very
-                    # batch anyway (the ring spans more than the lateness), so close now.
-                    self._close_slots(np.array([slot]))
+                # The older pane in this slot is closed by this very batch anyway (the
+                # ring spans more than the lateness): close up to where pane k's row
+                # puts the watermark now, so the drift references that end there are
+                # taken before their panes are overwritten, whatever the batch size.
+                self._close(closed_panes(k * cfg.pane_ms, cfg.lateness_ms, cfg.pane_ms))
                 for name in self._PANE_ARRAYS:
                     self.ring[name][slot] = 0
                 self.pane_of_slot[slot] = k

@@ -111,7 +111,7 @@ def _summary(samples: Any, elapsed: float) -> str:
         total = _value(samples, "inference_predictions_total", model=model, version=version)
         errors = _value(samples, "inference_errors_total", model=model, version=version)
         err = None if not total else (errors or 0) / total
-        p99 = _value(samples, "inference_latency_quantile_seconds", quantile="0.99", **w)
+        p99 = _value(samples, "inference_latency_quantile_seconds", q="0.99", **w)
         drift_rows = [
             v
             for lab, v in samples.get("model_drift_score", [])

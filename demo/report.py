@@ -72,8 +72,7 @@ PANELS: tuple[Panel, ...] = (
     ),
     Panel(
         "p99 latency (1m windows)",
-        'max by (model, version) (inference_latency_quantile_seconds{sel, window="1m",'
-        ' quantile="0.99"})',
+        'max by (model, version) (inference_latency_quantile_seconds{sel, window="1m", q="0.99"})',
         "ms",
         threshold=500,
         scale=1000,

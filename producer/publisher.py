@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,6 +41,9 @@ _INF = math.inf
 _time = time.time
 _key_of = itemgetter(0, 1)
 _UNKNOWN_KIND = "unknown"
+# Epoch seconds stay below this until the year 5138; epoch milliseconds of any date
+# after 1973 are above it, so the two cannot be confused.
+_MAX_EPOCH_SECONDS = 1e11
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +120,7 @@ class PredictionPublisher:
         self._thread.start()
         self._heartbeats: threading.Thread | None = None
         if s.heartbeat_seconds > 0:
+            _warn_without_psutil()
             self._heartbeats = threading.Thread(
                 target=self._beat, name="modelpulse-heartbeat", daemon=True
             )
@@ -125,7 +131,13 @@ class PredictionPublisher:
         ids = (SchemaId.PREDICTION_BATCH, SchemaId.PREDICTION_EVENT, SchemaId.RESOURCE_HEARTBEAT)
         if not s.schema_registry_url:
             return (int(ids[0]), int(ids[1]), int(ids[2]))
-        registry = SchemaRegistry(s.schema_registry_url)
+        password = s.schema_registry_password
+        registry = SchemaRegistry(
+            s.schema_registry_url,
+            username=s.schema_registry_user,
+            password=None if password is None else password.get_secret_value(),
+            ca_file=s.schema_registry_ca_file,
+        )
         batch, event, beat = (
             registry.register(
                 str(raw_schema(i)["namespace"]) + "." + raw_schema(i)["name"], raw_schema(i)
@@ -154,8 +166,9 @@ class PredictionPublisher:
         """Record one prediction; returns False when it was dropped (buffer full).
 
         ``prediction``/``label`` are class labels (str or int) for classifiers and
-        floats for regressors; ``event_time`` is epoch seconds or a datetime (default
-        now). Raises ``InvalidEvent`` naming the bad field; never blocks on Kafka.
+        finite floats for regressors; ``event_time`` is epoch seconds (not
+        milliseconds) or a datetime (default now). Raises ``InvalidEvent`` naming the
+        bad field; never blocks on Kafka.
         """
         # The common case is checked first and cheaply: outcome "ok", the same model and
         # version as the previous call (identity), a prediction of the known kind.
@@ -185,10 +198,17 @@ class PredictionPublisher:
                 (pc is str and len(prediction) <= self._max_len) or prediction is None or pc is int
             )
         else:
-            fast = kind is True and (pc is float or prediction is None)
+            # The chained comparison is False for NaN as well as for the infinities.
+            fast = kind is True and (
+                (pc is float and -_INF < prediction < _INF) or prediction is None
+            )
         if not fast or (
             label is not None
-            and (label.__class__ is not pc or (pc is str and len(label) > self._max_len))
+            and (
+                label.__class__ is not pc
+                or (pc is str and len(label) > self._max_len)
+                or (pc is float and not -_INF < label < _INF)
+            )
         ):
             self._check((model, version), prediction, label)
         if segment is not None and (segment.__class__ is not str or len(segment) > self._max_len):
@@ -197,10 +217,14 @@ class PredictionPublisher:
             self._check_features(features)
         if event_id and len(event_id) > self._max_len:
             raise InvalidEvent("event_id", f"longer than {self._max_len} chars")
+        if event_time is None:
+            event_time = _time()
+        elif event_time.__class__ is not float or not 0.0 <= event_time < _MAX_EPOCH_SECONDS:
+            _check_event_time(event_time)
         row = (
             model,
             version,
-            _time() if event_time is None else event_time,
+            event_time,
             latency_seconds,
             code,
             prediction,
@@ -248,6 +272,8 @@ class PredictionPublisher:
                     raise InvalidEvent(
                         name, f"{model}/{version} is a classification model: got float"
                     )
+                if not math.isfinite(value):
+                    raise InvalidEvent(name, f"a regression value must be finite, got {value!r}")
                 kind = True
             else:
                 raise InvalidEvent(name, f"must be str, int or float, got {type(value).__name__}")
@@ -486,3 +512,38 @@ class PredictionPublisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_event_time(value: Any) -> None:
+    """The slow path of ``event_time``: datetimes, ints, numpy numbers, and mistakes."""
+    if isinstance(value, datetime):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidEvent(
+            "event_time", f"must be epoch seconds or a datetime, got {type(value).__name__}"
+        )
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidEvent("event_time", f"must be finite epoch seconds >= 0, got {value!r}")
+    if seconds >= _MAX_EPOCH_SECONDS:
+        unit = "microseconds" if seconds >= _MAX_EPOCH_SECONDS * 1000 else "milliseconds"
+        if seconds >= _MAX_EPOCH_SECONDS * 1e6:
+            unit = "nanoseconds"
+        raise InvalidEvent(
+            "event_time",
+            f"{value!r} looks like epoch {unit}; epoch seconds are expected (e.g. time.time())",
+        )
+
+
+def _warn_without_psutil() -> None:
+    """Heartbeats without psutil carry no CPU or memory figure: say so once, at setup."""
+    try:
+        import psutil  # noqa: F401, PLC0415 - optional dependency, only probed
+    except ImportError:
+        warnings.warn(
+            "heartbeat_seconds is set but psutil is not installed: heartbeats will carry "
+            "no CPU or memory usage; install 'modelpulse[resources]' (and "
+            "'modelpulse[gpu]' for NVIDIA GPUs)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

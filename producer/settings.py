@@ -57,12 +57,23 @@ class PublisherSettings(BaseSettings):
     schema_registry_url: str | None = Field(
         None, description="Confluent-compatible registry; unset: the fixed ids of schemas/."
     )
+    schema_registry_user: str | None = Field(None, description="Basic-auth user of the registry.")
+    schema_registry_password: SecretStr | None = Field(
+        None, description="Basic-auth password of the registry."
+    )
+    schema_registry_ca_file: str | None = Field(
+        None, description="PEM CA bundle that verifies an https registry."
+    )
     max_features: int = Field(32, ge=0, le=1024, description="Features per event.")
     max_string_length: int = Field(256, ge=1, le=65536, description="Longest name/label string.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = Field(None, description="PEM CA bundle of the brokers.")
+    ssl_certificate_location: str | None = Field(None, description="PEM client certificate.")
+    ssl_key_location: str | None = Field(None, description="PEM key of the certificate.")
+    ssl_key_password: SecretStr | None = None
     kafka: dict[str, Any] = Field(
         default_factory=dict, description="Extra librdkafka settings; they win over the above."
     )
@@ -95,5 +106,14 @@ class PublisherSettings(BaseSettings):
             config["sasl.username"] = self.sasl_username
         if self.sasl_password is not None:
             config["sasl.password"] = self.sasl_password.get_secret_value()
+        for key, value in (
+            ("ssl.ca.location", self.ssl_ca_location),
+            ("ssl.certificate.location", self.ssl_certificate_location),
+            ("ssl.key.location", self.ssl_key_location),
+        ):
+            if value:
+                config[key] = value
+        if self.ssl_key_password is not None:
+            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
         config.update(self.kafka)
         return config

@@ -51,6 +51,7 @@ Commands:
       'start' runs it automatically when needed.
 
   start [--name NAME] [--port PORT] [--brokers 1|3] [--timeout SECONDS]
+        [--security plaintext|sasl_ssl|mtls] [--tls-dir DIR]
       Start a cluster in the background and wait until it serves (default timeout ${START_TIMEOUT}s,
       env KAFKA_START_TIMEOUT). Prints 'bootstrap=HOST:PORT[,...]' on its own line at the end.
       If the cluster is already running, says so and returns 0. On failure, prints the
@@ -63,6 +64,20 @@ Commands:
                            so any single node can be killed -9 and restarted while the cluster
                            keeps serving; default.replication.factor=3, min.insync.replicas=2,
                            offsets/transaction-state topics replicated 3 times.
+        --security MODE plaintext (default): no authentication, no encryption.
+                        sasl_ssl: one SASL_SSL listener, SCRAM-SHA-512 only; the client user
+                           is \$KAFKA_SCRAM_USER (default 'modelpulse') with the password in
+                           \$KAFKA_SCRAM_PASSWORD (required; never printed). The brokers talk
+                           to each other on the same listener as a generated admin user.
+                        mtls: one SSL listener with ssl.client.auth=required; clients need a
+                           certificate signed by the CA in the TLS dir.
+                        Remembered like the port. The controller listener stays PLAINTEXT on
+                        127.0.0.1 (it is not a client endpoint).
+        --tls-dir DIR   where the certificates are (sasl_ssl, mtls; default <run dir>/tls).
+                        Missing ones are made with openssl: ca.pem (+ ca.key), server.pem +
+                        server.key (SAN IP:127.0.0.1, DNS:localhost), client.pem + client.key
+                        (CN=modelpulse-client). Clients use ca.pem as ssl.ca.location and, for
+                        mtls, client.pem / client.key as certificate / key.
       Port scheme (everything listens on 127.0.0.1 only):
         node I (I = 1..N) broker port     = PORT + ${NODE_PORT_STEP}*(I-1)   e.g. 9092 | 19092,19102,19112
                           controller port = broker port + 1          e.g. 9093 | 19093,19103,19113
@@ -99,7 +114,9 @@ Commands:
 Files:
   jars:     \${MODELPULSE_CACHE:-\$HOME/.cache/modelpulse}/kafka-<version>/libs
   run dir:  \${MODELPULSE_RUN_DIR:-<repo>/.run}/kafka-NAME/
-              cluster.env              name, port, brokers, cluster id
+              cluster.env              name, port, brokers, cluster id, security, TLS dir
+              admin-client.json        librdkafka config this script's readiness check uses
+                                       (secured clusters; mode 600)
               node-I/server.properties generated config
               node-I/data/             log.dirs (formatted once with kafka.tools.StorageTool)
               node-I/logs/server.log   broker log (log4j2 config: deploy/kafka/log4j2.yaml)
@@ -111,6 +128,7 @@ Environment:
   KAFKA_JVM_PERFORMANCE_OPTS  default G1 options as in kafka-run-class.sh
   KAFKA_OPTS                  extra JVM options
   KAFKA_LOG_LEVEL             root log level, default INFO
+  KAFKA_SCRAM_USER, KAFKA_SCRAM_PASSWORD  the SCRAM-SHA-512 client user of --security sasl_ssl
   MODELPULSE_KAFKA_VERSION    override the version pinned in deploy/kafka/pom.xml (e.g. 4.0.1)
   JAVA_HOME                   java to use (default: java on PATH)
   MODELPULSE_CACHE, MODELPULSE_RUN_DIR  see above
@@ -228,6 +246,8 @@ PORT=""
 BROKERS=""
 CLUSTER_ID=""
 CLUSTER_DIR=""
+SECURITY="plaintext"
+TLS_DIR=""
 
 set_cluster() {
   NAME="$1"
@@ -244,6 +264,8 @@ load_cluster() {
       PORT) PORT="${value}" ;;
       BROKERS) BROKERS="${value}" ;;
       CLUSTER_ID) CLUSTER_ID="${value}" ;;
+      SECURITY) SECURITY="${value}" ;;
+      TLS_DIR) TLS_DIR="${value}" ;;
       *) ;;
     esac
   done <"${env_file}"
@@ -277,7 +299,8 @@ new_cluster_id() {
 }
 
 write_server_properties() {
-  local i="$1" dir voters="" j rf min_isr
+  local i="$1" dir voters="" j rf min_isr listener
+  listener="$(listener_name)"
   dir="$(node_dir "${i}")"
   for ((j = 1; j <= BROKERS; j++)); do
     voters+="${voters:+,}${j}@127.0.0.1:$(controller_port "${j}")"
@@ -296,10 +319,10 @@ write_server_properties() {
 process.roles=broker,controller
 node.id=${i}
 controller.quorum.voters=${voters}
-listeners=PLAINTEXT://127.0.0.1:$(broker_port "${i}"),CONTROLLER://127.0.0.1:$(controller_port "${i}")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "${i}")
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listeners=${listener}://127.0.0.1:$(broker_port "${i}"),CONTROLLER://127.0.0.1:$(controller_port "${i}")
+advertised.listeners=${listener}://127.0.0.1:$(broker_port "${i}")
+listener.security.protocol.map=${listener}:${listener},CONTROLLER:PLAINTEXT
+inter.broker.listener.name=${listener}
 controller.listener.names=CONTROLLER
 
 log.dirs=${dir}/data
@@ -322,6 +345,111 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=168
 log.segment.bytes=1073741824
 EOF
+  security_properties >>"${dir}/server.properties"
+  # The file holds the inter-broker SCRAM password of a sasl_ssl cluster.
+  chmod 600 "${dir}/server.properties"
+}
+
+listener_name() {
+  case "${SECURITY}" in
+    sasl_ssl) printf 'SASL_SSL\n' ;;
+    mtls) printf 'SSL\n' ;;
+    *) printf 'PLAINTEXT\n' ;;
+  esac
+}
+
+security_properties() {
+  # Extra broker settings of a secured cluster (nothing for plaintext).
+  [[ "${SECURITY}" == plaintext ]] && return 0
+  cat <<EOF
+
+# TLS: PEM files made by this script (or given with --tls-dir).
+ssl.keystore.type=PEM
+ssl.keystore.location=${TLS_DIR}/server-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=${TLS_DIR}/ca.pem
+ssl.endpoint.identification.algorithm=https
+EOF
+  if [[ "${SECURITY}" == mtls ]]; then
+    printf 'ssl.client.auth=required\n'
+  else
+    cat <<EOF
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="${ADMIN_USER}" password="$(admin_password)";
+EOF
+  fi
+}
+
+ADMIN_USER="kafka-admin"
+
+admin_password() {
+  # The inter-broker (and readiness check) SCRAM password, made once per cluster.
+  local f="${CLUSTER_DIR}/admin.secret"
+  if [[ ! -s "${f}" ]]; then
+    (umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"${f}")
+  fi
+  cat "${f}"
+}
+
+make_tls() {
+  # Creates the CA, server and client certificates in TLS_DIR when missing (openssl).
+  [[ "${SECURITY}" == plaintext ]] && return 0
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (Debian: apt-get install openssl); needed for --security ${SECURITY}"
+  mkdir -p "${TLS_DIR}"
+  local log="${TLS_DIR}/openssl.log" name ext
+  (
+    cd "${TLS_DIR}"
+    umask 077
+    if [[ ! -s ca.pem ]]; then
+      openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 30 -keyout ca.key -out ca.pem \
+        -subj "/CN=modelpulse-test-ca" >"${log}" 2>&1
+    fi
+    for name in server client; do
+      [[ -s "${name}.pem" && -s "${name}.key" ]] && continue
+      if [[ "${name}" == server ]]; then
+        ext="subjectAltName=IP:127.0.0.1,DNS:localhost"$'\n'"extendedKeyUsage=serverAuth,clientAuth"
+      else
+        ext="extendedKeyUsage=clientAuth"
+      fi
+      openssl req -newkey rsa:2048 -nodes -sha256 -keyout "${name}.key" -out "${name}.csr" \
+        -subj "/CN=modelpulse-${name}" >>"${log}" 2>&1
+      openssl x509 -req -sha256 -days 30 -in "${name}.csr" -CA ca.pem -CAkey ca.key \
+        -CAcreateserial -out "${name}.pem" -extfile <(printf '%s\n' "${ext}") >>"${log}" 2>&1
+      rm -f "${name}.csr"
+    done
+    # Kafka's PEM keystore: the PKCS#8 key and its certificate chain in one file.
+    cat server.key server.pem >server-keystore.pem
+    chmod 644 ca.pem server.pem client.pem
+  ) || {
+    cat "${log}" >&2 2>/dev/null || true
+    die "could not create the TLS files in ${TLS_DIR}"
+  }
+}
+
+scram_args() {
+  # StorageTool options that create the SCRAM users of a sasl_ssl cluster (format time only).
+  [[ "${SECURITY}" == sasl_ssl ]] || return 0
+  [[ -n "${KAFKA_SCRAM_PASSWORD:-}" ]] || die "--security sasl_ssl needs the client user's password in KAFKA_SCRAM_PASSWORD"
+  printf '%s\n' --add-scram "SCRAM-SHA-512=[name=${ADMIN_USER},password=$(admin_password)]" \
+    --add-scram "SCRAM-SHA-512=[name=${KAFKA_SCRAM_USER:-modelpulse},password=${KAFKA_SCRAM_PASSWORD}]"
+}
+
+write_admin_client() {
+  # librdkafka settings of the readiness check (metadata_ok) for a secured cluster.
+  local f="${CLUSTER_DIR}/admin-client.json"
+  rm -f "${f}"
+  [[ "${SECURITY}" == plaintext ]] && return 0
+  (
+    umask 077
+    if [[ "${SECURITY}" == mtls ]]; then
+      printf '{"security.protocol": "SSL", "ssl.ca.location": "%s", "ssl.certificate.location": "%s", "ssl.key.location": "%s"}\n' \
+        "${TLS_DIR}/ca.pem" "${TLS_DIR}/client.pem" "${TLS_DIR}/client.key" >"${f}"
+    else
+      printf '{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "ssl.ca.location": "%s", "sasl.username": "%s", "sasl.password": "%s"}\n' \
+        "${TLS_DIR}/ca.pem" "${ADMIN_USER}" "$(admin_password)" >"${f}"
+    fi
+  )
 }
 
 # ---------------------------------------------------------------- processes
@@ -384,15 +512,19 @@ format_nodes() {
   # Formats (kafka.tools.StorageTool format, static quorum) the nodes given that have no
   # meta.properties yet; the JVMs run in parallel.
   local i dir java conf rc=0
-  local -a pids=() nodes=()
+  local -a pids=() nodes=() scram=()
   java="$(java_bin)"
   conf="$(tools_log4j_conf)"
+  if [[ "${SECURITY}" == sasl_ssl ]]; then
+    [[ -n "${KAFKA_SCRAM_PASSWORD:-}" ]] || scram_args >/dev/null # dies naming the variable
+    mapfile -t scram < <(scram_args)
+  fi
   for i in "$@"; do
     dir="$(node_dir "${i}")"
     [[ -f "${dir}/data/meta.properties" ]] && continue
     "${java}" -Xmx256m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="${conf}" \
       -cp "${LIBS}/*" kafka.tools.StorageTool format -t "${CLUSTER_ID}" \
-      -c "${dir}/server.properties" --ignore-formatted >"${dir}/format.log" 2>&1 </dev/null &
+      -c "${dir}/server.properties" --ignore-formatted ${scram[@]+"${scram[@]}"} >"${dir}/format.log" 2>&1 </dev/null &
     pids+=("$!")
     nodes+=("${i}")
   done
@@ -512,10 +644,14 @@ python_with_confluent_kafka() {
 
 metadata_ok() {
   # Metadata request through confluent_kafka (when importable): all $2 brokers registered.
-  "$1" - "$(bootstrap_servers)" "$2" <<'EOF' >/dev/null 2>&1
-import sys
+  "$1" - "$(bootstrap_servers)" "$2" "${CLUSTER_DIR}/admin-client.json" <<'EOF' >/dev/null 2>&1
+import json, os, sys
 from confluent_kafka.admin import AdminClient
-md = AdminClient({"bootstrap.servers": sys.argv[1], "socket.timeout.ms": 3000}).list_topics(timeout=3)
+conf = {"bootstrap.servers": sys.argv[1], "socket.timeout.ms": 3000}
+if os.path.exists(sys.argv[3]):
+    with open(sys.argv[3]) as f:
+        conf.update(json.load(f))
+md = AdminClient(conf).list_topics(timeout=3)
 sys.exit(0 if len(md.brokers) >= int(sys.argv[2]) else 1)
 EOF
 }
@@ -634,6 +770,8 @@ parse_common() {
   OPT_TIMEOUT="${START_TIMEOUT}"
   OPT_LINES=100
   OPT_FOLLOW=0
+  OPT_SECURITY=""
+  OPT_TLS_DIR=""
   while (($# > 0)); do
     case "$1" in
       --name) OPT_NAME="${2:?--name needs a value}"; shift 2 ;;
@@ -645,6 +783,10 @@ parse_common() {
       --node) OPT_NODE="${2:?--node needs a value}"; shift 2 ;;
       --node=*) OPT_NODE="${1#*=}"; shift ;;
       --timeout) OPT_TIMEOUT="${2:?--timeout needs a value}"; shift 2 ;;
+      --security) OPT_SECURITY="${2:?--security needs a value}"; shift 2 ;;
+      --security=*) OPT_SECURITY="${1#*=}"; shift ;;
+      --tls-dir) OPT_TLS_DIR="$(abspath "${2:?--tls-dir needs a value}")"; shift 2 ;;
+      --tls-dir=*) OPT_TLS_DIR="$(abspath "${1#*=}")"; shift ;;
       --timeout=*) OPT_TIMEOUT="${1#*=}"; shift ;;
       -n | --lines) OPT_LINES="${2:?-n needs a value}"; shift 2 ;;
       -f | --follow) OPT_FOLLOW=1; shift ;;
@@ -656,6 +798,10 @@ parse_common() {
   [[ -z "${OPT_PORT}" || "${OPT_PORT}" =~ ^[0-9]+$ ]] || die "--port must be a number"
   [[ -z "${OPT_BROKERS}" || "${OPT_BROKERS}" == 1 || "${OPT_BROKERS}" == 3 ]] || die "--brokers must be 1 or 3"
   [[ "${OPT_TIMEOUT}" =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
+  case "${OPT_SECURITY}" in
+    "" | plaintext | sasl_ssl | mtls) ;;
+    *) die "--security must be plaintext, sasl_ssl or mtls" ;;
+  esac
   [[ "${OPT_LINES}" =~ ^[0-9]+$ ]] || die "-n must be a number"
   set_cluster "${OPT_NAME}"
 }
@@ -680,12 +826,18 @@ cmd_start() {
   parse_common "$@"
   lock_cluster
   if load_cluster; then
-    if [[ -n "${OPT_PORT}" && "${OPT_PORT}" != "${PORT}" ]] || [[ -n "${OPT_BROKERS}" && "${OPT_BROKERS}" != "${BROKERS}" ]]; then
-      die "cluster '${NAME}' was created with --port ${PORT} --brokers ${BROKERS}; run 'scripts/kafka.sh clean --name ${NAME}' to recreate it differently"
+    if [[ -n "${OPT_PORT}" && "${OPT_PORT}" != "${PORT}" ]] || [[ -n "${OPT_BROKERS}" && "${OPT_BROKERS}" != "${BROKERS}" ]] \
+      || [[ -n "${OPT_SECURITY}" && "${OPT_SECURITY}" != "${SECURITY}" ]] || [[ -n "${OPT_TLS_DIR}" && "${OPT_TLS_DIR}" != "${TLS_DIR}" ]]; then
+      die "cluster '${NAME}' was created with --port ${PORT} --brokers ${BROKERS} --security ${SECURITY}${TLS_DIR:+ --tls-dir ${TLS_DIR}}; run 'scripts/kafka.sh clean --name ${NAME}' to recreate it differently"
     fi
   else
     PORT="${OPT_PORT:-${DEFAULT_PORT}}"
     BROKERS="${OPT_BROKERS:-1}"
+    SECURITY="${OPT_SECURITY:-plaintext}"
+    TLS_DIR=""
+    if [[ "${SECURITY}" != plaintext ]]; then
+      TLS_DIR="${OPT_TLS_DIR:-${CLUSTER_DIR}/tls}"
+    fi
     CLUSTER_ID="$(new_cluster_id)"
     ((PORT > 0 && PORT + NODE_PORT_STEP * (BROKERS - 1) + 1 < 65536)) || die "--port ${PORT} out of range"
   fi
@@ -709,9 +861,11 @@ cmd_start() {
   if [[ ! -f "${CLUSTER_DIR}/cluster.env" ]]; then
     check_ports "${to_start[@]}"
     mkdir -p "${CLUSTER_DIR}"
-    printf 'NAME=%s\nPORT=%s\nBROKERS=%s\nCLUSTER_ID=%s\nKAFKA_VERSION=%s\n' \
-      "${NAME}" "${PORT}" "${BROKERS}" "${CLUSTER_ID}" "${KAFKA_VERSION}" >"${CLUSTER_DIR}/cluster.env"
+    printf 'NAME=%s\nPORT=%s\nBROKERS=%s\nCLUSTER_ID=%s\nKAFKA_VERSION=%s\nSECURITY=%s\nTLS_DIR=%s\n' \
+      "${NAME}" "${PORT}" "${BROKERS}" "${CLUSTER_ID}" "${KAFKA_VERSION}" "${SECURITY}" "${TLS_DIR}" >"${CLUSTER_DIR}/cluster.env"
   fi
+  make_tls
+  write_admin_client
   say "starting '${NAME}' (Kafka ${KAFKA_VERSION}, ${BROKERS} node(s), run dir ${CLUSTER_DIR})"
   start_nodes "${to_start[@]}"
   wait_nodes "${OPT_TIMEOUT}" "${STARTED_NODES[@]}"
@@ -726,6 +880,8 @@ cmd_start_node() {
   check_node_opt
   ensure_installed
   check_java
+  make_tls
+  write_admin_client
   start_nodes "${OPT_NODE}"
   if ((${#STARTED_NODES[@]} > 0)); then
     wait_nodes "${OPT_TIMEOUT}" "${STARTED_NODES[@]}"

@@ -5,7 +5,9 @@
 #   2. creates .venv and runs `pip install -e '.[dev]'` when pyproject.toml changed since the
 #      last successful install (hash stamp in .venv),
 #   3. scripts/kafka.sh install       (Kafka jars via Maven, cached in ~/.cache/modelpulse),
-#   4. scripts/prometheus.sh install  (Debian package, no service left running).
+#      scripts/registry.sh install    (Apicurio Registry via Maven, cached there too),
+#   4. scripts/prometheus.sh install  (Debian package, no service left running),
+#   5. kubeconform (Kubernetes manifest validator) from the Go module proxy.
 # Takes a few seconds when everything is already there.
 set -euo pipefail
 
@@ -19,7 +21,7 @@ MIN_PY_MINOR=11
 
 usage() {
   cat <<EOF
-Usage: scripts/setup.sh [--no-venv] [--no-kafka] [--no-prometheus] [--force]
+Usage: scripts/setup.sh [--no-venv] [--no-kafka] [--no-registry] [--no-prometheus] [--force]
 
 Idempotent installer for modelpulse (development, demo, CI). Steps:
   1. Java >= ${MIN_JAVA} and python3 >= ${MIN_PY_MAJOR}.${MIN_PY_MINOR} (on Debian as root, missing ones are installed with
@@ -27,10 +29,13 @@ Idempotent installer for modelpulse (development, demo, CI). Steps:
   2. .venv in the repo root (created if missing); '.venv/bin/pip install -e .[dev]' runs only
      when pyproject.toml changed since the last successful install (stamp: ${STAMP#"${REPO_ROOT}"/}).
   3. scripts/kafka.sh install        Kafka jars (Maven, cached under \${MODELPULSE_CACHE:-~/.cache/modelpulse})
+     scripts/registry.sh install     Apicurio Registry (Maven, cached there too), for tests/test_registry.py
   4. scripts/prometheus.sh install   Prometheus (apt-get), no daemon left running
+  5. kubeconform \${KUBECONFORM_VERSION} (go install from the Go module proxy) into
+     \${MODELPULSE_CACHE:-~/.cache/modelpulse}/bin, for tests/test_k8s.py
 
 Options:
-  --no-venv, --no-kafka, --no-prometheus   skip that step
+  --no-venv, --no-kafka, --no-registry, --no-prometheus, --no-k8s   skip that step
   --force                                  re-run pip install even when pyproject.toml is unchanged
 Environment: PYTHON (interpreter used to create .venv, default python3).
 EOF
@@ -44,13 +49,17 @@ die() {
 
 DO_VENV=1
 DO_KAFKA=1
+DO_REGISTRY=1
 DO_PROMETHEUS=1
+DO_K8S=1
 FORCE=0
 while (($# > 0)); do
   case "$1" in
     --no-venv) DO_VENV=0 ;;
     --no-kafka) DO_KAFKA=0 ;;
+    --no-registry) DO_REGISTRY=0 ;;
     --no-prometheus) DO_PROMETHEUS=0 ;;
+    --no-k8s) DO_K8S=0 ;;
     --force) FORCE=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -223,13 +232,57 @@ setup_kafka() {
   "${SCRIPT_DIR}/kafka.sh" install | sed 's/^/setup: /'
 }
 
+setup_registry() {
+  if ! command -v mvn >/dev/null 2>&1; then
+    if ! "${SCRIPT_DIR}/registry.sh" install >/dev/null 2>&1; then
+      say "maven not found (needed once to fetch Apicurio Registry)"
+      apt_install maven || die "Maven is required to fetch Apicurio Registry (Debian: apt-get install maven)"
+    fi
+  fi
+  "${SCRIPT_DIR}/registry.sh" install | sed 's/^/setup: /'
+}
+
 setup_prometheus() {
   "${SCRIPT_DIR}/prometheus.sh" install | sed 's/^/setup: /'
+}
+
+KUBECONFORM_VERSION=v0.7.0
+
+setup_kubeconform() {
+  # Built from source by the go command (the module proxy is reachable where GitHub
+  # release downloads are not); the version stamp makes a rerun free.
+  local cache bin stamp
+  cache="${MODELPULSE_CACHE:-${HOME:-/tmp}/.cache/modelpulse}"
+  bin="${cache}/bin"
+  stamp="${bin}/.kubeconform-version"
+  if [[ -x "${bin}/kubeconform" && "$(cat "${stamp}" 2>/dev/null)" == "${KUBECONFORM_VERSION}" ]]; then
+    say "kubeconform ${KUBECONFORM_VERSION} ok (${bin}/kubeconform)"
+    return 0
+  fi
+  local go
+  go="$(command -v go || true)"
+  [[ -n "${go}" || ! -x /usr/local/go/bin/go ]] || go=/usr/local/go/bin/go
+  if [[ -z "${go}" ]]; then
+    apt_install golang-go || die "go is required to build kubeconform (Debian: apt-get install golang-go)"
+    go="$(command -v go)"
+  fi
+  say "go install kubeconform ${KUBECONFORM_VERSION} ..."
+  mkdir -p "${bin}"
+  local log="${bin}/kubeconform-install.log"
+  if ! GOBIN="${bin}" GOFLAGS=-buildvcs=false "${go}" install \
+    "github.com/yannh/kubeconform/cmd/kubeconform@${KUBECONFORM_VERSION}" >"${log}" 2>&1; then
+    tail -n 20 "${log}" >&2 || true
+    die "could not build kubeconform (full log: ${log})"
+  fi
+  printf '%s\n' "${KUBECONFORM_VERSION}" >"${stamp}"
+  say "kubeconform ${KUBECONFORM_VERSION} installed in ${bin}"
 }
 
 check_java
 check_python
 if ((DO_VENV)); then setup_venv; fi
 if ((DO_KAFKA)); then setup_kafka; fi
+if ((DO_REGISTRY)); then setup_registry; fi
 if ((DO_PROMETHEUS)); then setup_prometheus; fi
+if ((DO_K8S)); then setup_kubeconform; fi
 say "done in $(($(date +%s) - START_TS))s"

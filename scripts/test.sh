@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command of README.md and CI (.ci/run calls exactly this).
 #
-# Installs whatever is missing (scripts/setup.sh: venv + pip, Kafka jars, Prometheus),
-# lints (ruff, mypy strict), then runs pytest against a real Kafka broker that the
-# test session starts itself (scripts/kafka.sh) unless KAFKA_BOOTSTRAP_SERVERS is set.
+# Installs whatever is missing (scripts/setup.sh: venv + pip, Kafka jars, Apicurio Registry,
+# Prometheus), lints (ruff, mypy strict), then runs pytest against a real Kafka broker and
+# schema registry that the test session starts itself (scripts/kafka.sh, scripts/registry.sh)
+# unless KAFKA_BOOTSTRAP_SERVERS / SCHEMA_REGISTRY_URL are set.
 #
 #   scripts/test.sh                 everything, short fault/soak modes (CI)
 #   scripts/test.sh --long          long soak and fault modes too

@@ -8,6 +8,8 @@ started once and stopped at the end if this session started it.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +29,8 @@ from kafka_util import (
 
 TEST_CLUSTER = "pytest"
 TEST_PORT = int(os.environ.get("MODELPULSE_TEST_KAFKA_PORT", "39092"))
+TEST_REGISTRY_PORT = int(os.environ.get("MODELPULSE_TEST_REGISTRY_PORT", "38081"))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +68,39 @@ def kafka_bootstrap() -> Iterator[str]:
     finally:
         if not already:
             kafka_script("stop", "--name", TEST_CLUSTER)
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url() -> Iterator[str]:
+    """Confluent API of a real Apicurio Registry (scripts/registry.sh), in-memory.
+
+    ``SCHEMA_REGISTRY_URL`` if set; else the project's own registry named "pytest",
+    started once and stopped at the end if this session started it. Shared by every
+    test: tests use subjects of their own and never assume an empty registry.
+    """
+    given = os.environ.get("SCHEMA_REGISTRY_URL")
+    if given:
+        yield given
+        return
+    script = ["bash", str(ROOT / "scripts" / "registry.sh")]
+    name = ["--name", TEST_CLUSTER]
+    already = subprocess.run([*script, "status", *name], capture_output=True, check=False)
+    started = subprocess.run(
+        [*script, "start", *name, "--port", str(TEST_REGISTRY_PORT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if started.returncode != 0:
+        raise RuntimeError(f"registry.sh start failed:\n{started.stdout}\n{started.stderr}")
+    match = re.search(r"^url=(\S+)$", started.stdout, re.MULTILINE)
+    assert match, started.stdout
+    try:
+        yield match.group(1)
+    finally:
+        if already.returncode != 0:
+            subprocess.run([*script, "stop", *name], capture_output=True, timeout=60, check=False)
 
 
 @pytest.fixture

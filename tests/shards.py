@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 from fastavro import schemaless_writer
 from prometheus_client.parser import text_string_to_metric_families
 
+from aggregator.shard import MARKER_HEADER
 from schemas.wire import SchemaId, frame, parsed_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +144,14 @@ def wait_until(predicate: Any, timeout: float, what: str, shards: list[ShardProc
     raise AssertionError(f"timed out waiting for {what} (last error: {last_exc})\n{logs}")
 
 
-def send_markers(bootstrap: str, topic: str, partitions: int, event_time_ms: int) -> None:
-    """Append a watermark marker to every partition so all panes before it close."""
+def send_markers(
+    bootstrap: str, topic: str, partitions: int, event_time_ms: int, group_id: str | None = None
+) -> None:
+    """Append a watermark marker to every partition so all panes before it close.
+
+    Shards accept markers only with the header their own group writes; the group is
+    ``shard_args``'s default unless given.
+    """
     out = io.BytesIO()
     schemaless_writer(
         out,
@@ -153,8 +160,9 @@ def send_markers(bootstrap: str, topic: str, partitions: int, event_time_ms: int
     )
     value = frame(SchemaId.WATERMARK_MARKER, out.getvalue())
     producer = Producer({"bootstrap.servers": bootstrap})
+    header = [(MARKER_HEADER, (group_id or f"{topic}-agg").encode())]
     for p in range(partitions):
-        producer.produce(topic, value, partition=p)
+        producer.produce(topic, value, partition=p, headers=header)
     assert producer.flush(30) == 0
 
 

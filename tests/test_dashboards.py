@@ -315,6 +315,7 @@ def test_alert_rules_are_provisionable() -> None:
                 ):
                     assert "$" not in text, f"{title}: '$' outside annotations: {text!r}"
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+                assert rule["annotations"]["runbook_url"].endswith(f"#{title.lower()}"), title
                 if "dashboardUid" in rule:
                     ids = {p["id"] for p in panels(dashboards[rule["dashboardUid"]])}
                     assert rule["panelId"] in ids, f"{title}: panel {rule['panelId']}"
@@ -329,11 +330,15 @@ def test_alert_rules_are_provisionable() -> None:
         "AggregatorLagGrowing",
         "DeadLettersArriving",
         "AggregatorShardDown",
+        "ModelAccuracyConfidentlyLow",
+        "ModelClassPrecisionConfidentlyLow",
+        "ModelClassRecallConfidentlyLow",
+        "InferenceErrorRatioConfidentlyHigh",
     } <= titles
 
 
 def test_alert_rules_match_prometheus_alerts() -> None:
-    """Same names, thresholds and `for:` as prometheus/rules/alerts.yml, when it exists."""
+    """Same names, thresholds, `for:`, severity and runbook as prometheus/rules/alerts.yml."""
     path = ROOT / "prometheus" / "rules" / "alerts.yml"
     if not path.exists():
         pytest.skip("prometheus/rules/alerts.yml not written yet")
@@ -348,6 +353,8 @@ def test_alert_rules_match_prometheus_alerts() -> None:
         assert title in prom, f"{title}: no Prometheus alert of that name"
         assert rule["for"] == prom[title].get("for", "0s"), f"{title}: for"
         assert rule["labels"]["severity"] == prom[title]["labels"]["severity"], title
+        runbook = prom[title]["annotations"]["runbook_url"]
+        assert rule["annotations"]["runbook_url"] == runbook, f"{title}: runbook_url"
         threshold = next(q for q in rule["data"] if q["model"].get("type") == "threshold")
         (value,) = threshold["model"]["conditions"][0]["evaluator"]["params"]
         expr = prom[title]["expr"]
@@ -355,6 +362,8 @@ def test_alert_rules_match_prometheus_alerts() -> None:
         # `up == 0` in PromQL is `up < 1` in a Grafana threshold (no equality evaluator).
         same = value in numbers or (value - 1 in numbers and re.search(r"==\s*0\b", expr))
         assert same, f"{title}: threshold {value} not in {expr!r}"
+    mirrored = {rule["title"] for rule in alert_rules()}
+    assert set(prom) <= mirrored, f"no Grafana copy of {sorted(set(prom) - mirrored)}"
 
 
 def test_alerting_examples() -> None:
@@ -453,6 +462,8 @@ def _prometheus_config(path: Path, ports: list[int]) -> Path:
         yaml.safe_dump(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                # The recording rules too: the confidence-gated alerts read them.
+                "rule_files": [str(ROOT / "prometheus" / "rules" / "*.yml")],
                 "scrape_configs": [
                     {
                         "job_name": JOB,
@@ -567,7 +578,10 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 len(up) == len(shards)
                 and len(moving) >= len(models)
                 and all(live.query(f"min(count_over_time({m}[1m])) >= 3") for m in scraped)
-                and len(live.query("modelpulse_dead_lettered_total")) >= 2
+                # Counters start at 0 now: wait for real dead letters and folds.
+                and len(live.query("modelpulse_dead_lettered_total > 0")) >= 2
+                and len(live.query('modelpulse_dead_lettered_total{reason="late"} > 0')) > 0
+                and len(live.query("modelpulse_folded_total > 0")) > 0
             )
 
         wait_until(ready, 75, "every metric the dashboards show in Prometheus", shards)
@@ -670,7 +684,7 @@ def test_key_panels_show_the_simulated_fleet(live: Live) -> None:
     )
     assert float(psi[0]["value"][1]) > 0.25, "intent-router drifts from 180 s on"
     p99 = live.query(
-        f'inference_latency_quantile_seconds{{window="5m", quantile="0.99", model="{REGRESSOR}"}}'
+        f'inference_latency_quantile_seconds{{window="5m", q="0.99", model="{REGRESSOR}"}}'
     )
     assert 0 < float(p99[0]["value"][1]) < 1
     # The heartbeat's `instance` label collides with the target label Prometheus adds, so
@@ -697,6 +711,44 @@ def test_alert_rule_queries_live(live: Live) -> None:
     up = next(r for r in alert_rules() if r["title"] == "AggregatorShardDown")
     values = [float(r["value"][1]) for r in live.query(up["data"][0]["model"]["expr"])]
     assert values == [1.0, 1.0], "both shards up: the shard-down condition (< 1) holds for none"
+
+
+def test_confidence_bounds_live(live: Live) -> None:
+    """The Wilson bounds are recorded for the classifier and hold its accuracy and errors."""
+    sel = f'{{model="{CLASSIFIER}"}}'
+
+    def bounds(metric: str, k: str, n: str) -> list[float] | None:
+        # One query: bounds and point estimate of the same evaluation of one group.
+        rows = live.query(
+            f"label_replace({metric}:wilson_lower5m{sel}, 'q', 'lower', '', '') "
+            f"or label_replace({k}{sel} / {n}{sel}, 'q', 'point', '', '') "
+            f"or label_replace({metric}:wilson_upper5m{sel}, 'q', 'upper', '', '')"
+        )
+        got = {r["metric"]["q"]: float(r["value"][1]) for r in rows}
+        return [got[q] for q in ("lower", "point", "upper")] if len(got) == 3 else None
+
+    for metric, k, n in (
+        (
+            "model:accuracy",
+            "model:correct_predictions:increase5m",
+            "model:labelled_predictions:increase5m",
+        ),
+        (
+            "model:inference_errors",
+            "model:inference_errors:increase5m",
+            "model:inference_predictions:increase5m",
+        ),
+    ):
+        lower, point, upper = wait_until(
+            lambda m=metric, k=k, n=n: bounds(m, k, n), 30, f"{metric} Wilson bounds", live.shards
+        )
+        # Float slack: with no errors the lower bound is 0 up to rounding.
+        eps = 1e-9
+        assert -eps <= lower <= point + eps and point <= upper <= 1 + eps, (metric, lower, upper)
+        assert upper - lower > 0.001, (metric, lower, point, upper)
+    gated = next(r for r in alert_rules() if r["title"] == "ModelAccuracyConfidentlyLow")
+    expr = next(q["model"]["expr"] for q in gated["data"] if q["refId"] == "A")
+    assert {r["metric"]["model"] for r in live.query(expr)} <= {m.name for m in live.models}
 
 
 def test_report_png(live: Live, tmp_path: Path) -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import gzip
 import math
+import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +28,20 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from aggregator import exposition
+import aggregator
+from aggregator import exposition, shard
+from aggregator.catalog import MACRO, Limits
+from aggregator.decode import Heartbeat, SchemaResolver, decode_batch
 from aggregator.exposition import CONTENT_TYPE, Family, LabelCache, render, render_payload
+from aggregator.metrics import (
+    DEAD_LETTER_REASONS,
+    DROP_REASONS,
+    FOLD_KINDS,
+    ShardHealth,
+    build_families,
+)
+from aggregator.state import PartitionState, StateConfig, StateView
+from producer.encode import Row, encode_batch
 
 NAN = math.nan
 INF = math.inf
@@ -427,3 +444,315 @@ def _valid_args() -> dict[str, Any]:
         "label_values": _ROWS,
         "values": _TWO,
     }
+
+
+# --- build_families: what a shard exports --------------------------------------------
+
+PANE_MS = 1000
+SHARD_CONFIG = StateConfig(
+    pane_ms=PANE_MS,
+    windows_ms=(5000, 10_000),
+    lateness_ms=2000,
+    drift_reference_ms=5000,
+    limits=Limits(max_models=4, max_classes=4, max_segments=3, max_features=3),
+)
+T0_MS = 1_700_000_000_000
+
+
+def _partition_rows(seed: int, n: int) -> list[Row]:
+    """Classifiers (one with more classes than the cap) and a regressor, every field."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        model = ["a", "b", "r", "wide"][i % 4]
+        if model == "r":
+            pred: Any = float(rng.normal())
+            label: Any = float(rng.normal()) if i % 3 else None
+        else:
+            names = ["x", "y", "z", "u", "v", "w"] if model == "wide" else ["x", "y", "z"]
+            pred = names[int(rng.integers(len(names)))]
+            label = names[int(rng.integers(len(names)))] if i % 3 else None
+        rows.append(
+            Row(
+                model,
+                "v1",
+                (T0_MS + i * 10 - (1500 if i % 50 == 7 else 0)) / 1000,  # some late
+                float(rng.lognormal(-4, 1)),
+                int(rng.choice([0, 0, 0, 1, 2])),
+                pred,
+                float(rng.random()),
+                label,
+                ["eu", "us", "apac", "latam"][i // 4 % 4],  # one segment past the cap
+                {"f": float(rng.normal()), "g": float(i % 7), "h": 1.0, "k": 2.0},
+                "",
+            )
+        )
+    return rows
+
+
+def _heartbeat(offset: int, instance: str, t_ms: int, gpus: int = 1) -> Heartbeat:
+    return Heartbeat(
+        offset,
+        {
+            "event_time_ms": t_ms,
+            "service": "svc",
+            "instance": instance,
+            "cpu_usage_ratio": 0.5,
+            "memory_usage_bytes": 1 << 30,
+            "disk_usage_ratio": 0.25,
+            "gpus": [
+                {"index": g, "utilization_ratio": g / max(gpus, 1), "memory_used_bytes": 1}
+                for g in range(gpus)
+            ],
+        },
+    )
+
+
+def _partition_view(partition: int, seed: int = 1, n: int = 2000) -> StateView:
+    """A partition with every kind of series: windows, drift, folds, late and bad input."""
+    resolver = SchemaResolver()
+    rows = _partition_rows(seed, n)
+    items: list[Any] = []
+    for start in range(0, n, 40):
+        for model in ("a", "b", "r", "wide"):
+            part = [r for r in rows[start : start + 40] if r.model == model]
+            if part:
+                record = resolver.read(encode_batch(part))[1]
+                items.append(decode_batch(record, len(items)))
+    items.append(_heartbeat(len(items), f"pod-{partition}", T0_MS + n * 10))
+    state = PartitionState(SHARD_CONFIG, partition)
+    offsets = np.arange(len(items), dtype=np.int64)
+    state.ingest(items, offsets, np.full(len(items), 2 * T0_MS), len(items))
+    state.count_rejected("undecodable")
+    return state.view()
+
+
+@pytest.fixture(scope="module")
+def shard_views() -> list[StateView]:
+    return [_partition_view(0, 1), _partition_view(1, 2)]
+
+
+def _health(views: Sequence[StateView]) -> ShardHealth:
+    return ShardHealth(
+        lag={v.partition: 3 for v in views},
+        snapshot_age_seconds={v.partition: 1.5 for v in views},
+        batch_seconds_sum=0.25,
+        batches=4,
+        messages=400,
+        dead_letter_messages=2,
+        up_since=1_700_000_000.0,
+    )
+
+
+def _sample_lines(body: bytes) -> list[bytes]:
+    return [line for line in body.splitlines() if line and not line.startswith(b"#")]
+
+
+def _series_value(body: bytes, name: bytes) -> float:
+    (line,) = [x for x in _sample_lines(body) if x.split(b" ")[0] == name]
+    return float(line.split(b" ")[1])
+
+
+def test_every_family_is_present_in_the_full_payload(shard_views: list[StateView]) -> None:
+    """The fixture behind the promtool check really holds every family, with series."""
+    families = build_families(shard_views, SHARD_CONFIG, _health(shard_views))
+    empty = [f.name for f in families if not len(f.label_values)]
+    assert not empty, f"families without series: {empty}"
+    body = render(families)
+    folded = {
+        dict(k[1])["kind"]
+        for k, v in samples(body).items()
+        if k[0] == "modelpulse_folded_total" and v
+    }
+    assert {"class", "segment", "feature"} <= folded
+
+
+def test_promtool_check_metrics_reports_nothing(shard_views: list[StateView]) -> None:
+    """promtool's linter (naming, units, a ``quantile`` label only on summaries...)."""
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail(
+            "promtool is not on PATH: run scripts/setup.sh (it installs Debian's "
+            "'prometheus' package, promtool included)",
+            pytrace=False,
+        )
+    body = render(build_families(shard_views, SHARD_CONFIG, _health(shard_views)))
+    proc = subprocess.run(
+        [exe, "check", "metrics"], input=body, capture_output=True, timeout=120, check=False
+    )
+    report = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0 and not report.strip(), report
+
+
+def test_series_gauge_counts_every_sample_line(shard_views: list[StateView]) -> None:
+    for max_series in (None, 10**6, 1500):
+        body = render(
+            build_families(shard_views, SHARD_CONFIG, _health(shard_views), max_series=max_series)
+        )
+        lines = len(_sample_lines(body))
+        assert _series_value(body, b"modelpulse_series") == lines, max_series
+
+
+def test_counters_with_known_labels_start_at_zero() -> None:
+    view = _partition_view(3, 5, n=200)
+    body = render(build_families([view], SHARD_CONFIG))
+    got = samples(body)
+    for reason in DEAD_LETTER_REASONS:
+        key = (
+            "modelpulse_dead_lettered_total",
+            frozenset({("partition", "3"), ("reason", reason)}),
+        )
+        assert key in got, reason
+    assert {"late", "invalid_latency", "unknown_schema", "bad_magic"} <= set(DEAD_LETTER_REASONS)
+    for kind in FOLD_KINDS:
+        key = ("modelpulse_folded_total", frozenset({("partition", "3"), ("kind", kind)}))
+        assert key in got, kind
+    assert got[("modelpulse_folded_total", frozenset({("partition", "3"), ("kind", "model")}))] == 0
+    # A reason the list does not know (a newer decoder's) is exported as well.
+    odd = dataclasses.replace(view, rejected={**view.rejected, "brand_new": 2})
+    got = samples(render(build_families([odd], SHARD_CONFIG)))
+    labels = frozenset({("partition", "3"), ("reason", "brand_new")})
+    assert got[("modelpulse_dead_lettered_total", labels)] == 2
+
+
+def test_every_dead_letter_reason_in_the_code_is_known_up_front() -> None:
+    """A reason raised somewhere but missing from the list would start without a 0."""
+    root = Path(aggregator.__file__).parent
+    raised = {
+        m.group(1)
+        for path in root.glob("*.py")
+        for m in re.finditer(r'DecodeError\(\s*"(\w+)"', path.read_text(encoding="utf-8"))
+    }
+    raised |= set(shard._UNREADABLE.values())
+    assert raised and not raised - set(DEAD_LETTER_REASONS), raised - set(DEAD_LETTER_REASONS)
+
+
+def _adversarial(views: list[StateView], case: str) -> list[StateView]:
+    """Views that would export one labelset twice if the builder trusted them."""
+    a, b = views
+    beat = _heartbeat(0, "pod-x", T0_MS).record
+    if case == "same_partition_twice":  # e.g. a view left over from before a rebalance
+        return [dataclasses.replace(a, next_offset=a.next_offset - 1), a, b]
+    if case == "instance_on_two_partitions":
+        newer = {**beat, "event_time_ms": T0_MS + 5000, "cpu_usage_ratio": 0.75}
+        a = dataclasses.replace(a, resources=[*a.resources, beat])
+        return [a, dataclasses.replace(b, resources=[*b.resources, newer])]
+    if case == "gpu_listed_twice":
+        gpus = [*beat["gpus"], {**beat["gpus"][0], "utilization_ratio": 0.9}]
+        return [dataclasses.replace(a, resources=[{**beat, "gpus": gpus}]), b]
+    assert case == "class_named_macro"  # next to the macro average of its model
+    i = next(k for k, e in enumerate(a.entries) if not e[2] and "x" in e[4])
+    entries = list(a.entries)
+    classes = [MACRO if c == "x" else c for c in entries[i][4]]
+    entries[i] = (*entries[i][:4], classes, *entries[i][5:])
+    return [dataclasses.replace(a, entries=entries), b]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["same_partition_twice", "instance_on_two_partitions", "gpu_listed_twice", "class_named_macro"],
+)
+def test_no_duplicate_series_from_adversarial_views(
+    shard_views: list[StateView], case: str
+) -> None:
+    views = _adversarial(shard_views, case)
+    families = build_families(views, SHARD_CONFIG, _health(views))
+    for f in families:
+        assert len(set(f.label_values)) == len(f.label_values), f.name
+    body = render(families)
+    got = samples(body)  # asserts no sample twice
+    assert _series_value(body, b"modelpulse_partitions_owned") == 2
+    pod_x = {k[0]: v for k, v in got.items() if ("instance", "pod-x") in k[1]}
+    if case == "instance_on_two_partitions":
+        assert pod_x["inference_cpu_usage_ratio"] == 0.75  # the newest heartbeat wins
+    if case == "gpu_listed_twice":
+        assert pod_x["inference_gpu_usage_ratio"] == 0.0  # the first entry wins
+    if case == "class_named_macro":
+        macro = [k for k in got if k[0] == "model_precision" and ("class", MACRO) in k[1]]
+        assert macro  # the average keeps its label; the lookalike class is left out
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 6])
+def test_max_series_caps_the_whole_shard(partitions: int) -> None:
+    views = [_partition_view(p, p + 1, n=600) for p in range(partitions)]
+    health = _health(views)
+    full = render(build_families(views, SHARD_CONFIG, health))
+    total = len(_sample_lines(full))
+    for max_series in (1000, total // 2, total - 1, total, total + 50):
+        body = render(build_families(views, SHARD_CONFIG, health, max_series=max_series))
+        lines = _sample_lines(body)
+        assert len(lines) <= max_series, (partitions, max_series)
+        dropped = samples(body)
+        by_reason = {
+            dict(k[1])["reason"]: v
+            for k, v in dropped.items()
+            if k[0] == "modelpulse_series_dropped"
+        }
+        assert set(by_reason) == set(DROP_REASONS)
+        if max_series >= total:
+            assert sum(by_reason.values()) == 0 and len(lines) == total
+        else:
+            assert sum(by_reason.values()) > 0
+            # The lines left out plus the ones shown are the whole render.
+            assert len(lines) + sum(by_reason.values()) == total
+
+
+def test_max_series_leaves_out_whole_units_newest_first() -> None:
+    views = [_partition_view(p, p + 1, n=600) for p in range(3)]
+    full = samples(render(build_families(views, SHARD_CONFIG)))
+    shown_all = {
+        (dict(k[1])["model"], dict(k[1])["partition"]) for k in full if k[0] == "model_info"
+    }
+    first_seen = {
+        (e[0], str(v.partition)): (e[3], v.partition, i)
+        for v in views
+        for i, e in enumerate(v.entries)
+    }
+    assert shown_all == set(first_seen)
+    limit = len(_sample_lines(render(build_families(views, SHARD_CONFIG)))) // 2
+    capped = samples(render(build_families(views, SHARD_CONFIG, max_series=limit)))
+    shown = {(dict(k[1])["model"], dict(k[1])["partition"]) for k in capped if k[0] == "model_info"}
+    assert 0 < len(shown) < len(shown_all)
+    order = sorted(first_seen, key=first_seen.__getitem__)
+    assert set(order[: len(shown)]) == shown  # the oldest ones stay
+    # Whole units: every series of a shown model version is there, none of a hidden one.
+    for key, value in full.items():
+        labels = dict(key[1])
+        if "model" in labels:
+            unit = (labels["model"], labels["partition"])
+            assert (key in capped) == (unit in shown), key
+            if key in capped:
+                assert capped[key] == value
+    # The shard's own health is never left out.
+    for key in full:
+        if key[0].startswith("modelpulse_") and key[0] != "modelpulse_series":
+            if (
+                key[0] in ("modelpulse_dead_lettered_total", "modelpulse_folded_total")
+                and not full[key]
+            ):
+                continue
+            assert key in capped, key
+
+
+def test_resource_instances_count_against_the_cap() -> None:
+    view = _partition_view(0, 1, n=200)
+    beats = [_heartbeat(0, f"pod-{i:03d}", T0_MS, gpus=64).record for i in range(40)]
+    view = dataclasses.replace(view, resources=beats)
+    body = render(build_families([view], SHARD_CONFIG, max_series=1500))
+    got = samples(body)
+    assert len(_sample_lines(body)) <= 1500
+    shown = sorted({dict(k[1])["instance"] for k in got if k[0] == "inference_gpu_usage_ratio"})
+    assert shown and shown == [f"pod-{i:03d}" for i in range(len(shown))] and len(shown) < 40
+    dropped = got[("modelpulse_series_dropped", frozenset({("reason", "resource_instance")}))]
+    assert dropped == (40 - len(shown)) * (3 + 64)
+    assert got[("modelpulse_series_dropped", frozenset({("reason", "model_version")}))] == 0
+
+
+def test_latency_quantile_label_is_q(shard_views: list[StateView]) -> None:
+    (fam,) = [
+        f
+        for f in build_families(shard_views, SHARD_CONFIG)
+        if f.name == "inference_latency_quantile_seconds"
+    ]
+    assert fam.label_names[-1] == "q" and "quantile" not in fam.label_names
+    assert {lv[-1] for lv in fam.label_values} == {"0.5", "0.9", "0.99"}

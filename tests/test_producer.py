@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -246,6 +248,12 @@ def offline() -> Any:
         ({"segment": "s" * 33}, "segment"),
         ({"event_id": "e" * 33}, "event_id"),
         ({"prediction": [1, 2]}, "prediction"),
+        ({"prediction": math.nan}, "prediction"),
+        ({"prediction": math.inf}, "prediction"),
+        ({"event_time": T0 * 1000}, "event_time"),
+        ({"event_time": math.nan}, "event_time"),
+        ({"event_time": -1.0}, "event_time"),
+        ({"event_time": "now"}, "event_time"),
     ],
 )
 def test_bad_input_raises_naming_the_field(
@@ -273,6 +281,52 @@ def test_kind_mismatch_is_caught(offline: PredictionPublisher) -> None:
     with pytest.raises(InvalidEvent, match="regression"):
         offline.publish("r", "v", 0.01, prediction="cat")
     assert offline.stats().published == 2
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_regression_values_are_refused(offline: PredictionPublisher, bad: float) -> None:
+    """NaN and infinities are refused on the fast path too (the kind already known)."""
+    assert offline.publish("r", "v", 0.01, prediction=1.5, label=2.0)
+    for kwargs, field in (
+        ({"prediction": bad}, "prediction"),
+        ({"prediction": 1.0, "label": bad}, "label"),
+        ({"label": bad}, "label"),  # a late label on its own
+    ):
+        with pytest.raises(InvalidEvent, match="finite") as info:
+            offline.publish("r", "v", 0.01, **kwargs)
+        assert info.value.field == field
+    with pytest.raises(InvalidEvent, match="finite"):  # first call of a new model
+        offline.publish("r2", "v", 0.01, prediction=np.float64(bad))
+    assert offline.stats().published == 1
+
+
+@pytest.mark.parametrize(
+    ("scale", "unit"),
+    [(1e3, "milliseconds"), (1e6, "microseconds"), (1e9, "nanoseconds")],
+)
+def test_event_time_in_the_wrong_unit_is_named(
+    offline: PredictionPublisher, scale: float, unit: str
+) -> None:
+    for value in (T0 * scale, int(T0 * scale), np.int64(T0 * scale)):
+        with pytest.raises(InvalidEvent, match=f"looks like epoch {unit}.*seconds are expected"):
+            offline.publish("m", "v", 0.01, prediction="a", event_time=value)
+    assert offline.stats().published == 0
+
+
+def test_event_time_accepts_seconds_of_every_type(offline: PredictionPublisher) -> None:
+    for value in (T0, int(T0), np.float64(T0), np.int64(T0), datetime.now(UTC), 0.0):
+        assert offline.publish("m", "v", 0.01, prediction="a", event_time=value)
+    assert offline.stats().published == 6
+
+
+def test_heartbeats_without_psutil_warn_once_at_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = PublisherSettings(bootstrap_servers="127.0.0.1:1", heartbeat_seconds=3600)
+    PredictionPublisher(settings).close(timeout_seconds=0.1)  # psutil installed: no warning
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    with pytest.warns(RuntimeWarning, match=r"psutil.*modelpulse\[resources\]") as record:
+        pub = PredictionPublisher(settings)
+    pub.close(timeout_seconds=0.1)
+    assert len(record) == 1 and record[0].filename == __file__
 
 
 def test_full_buffer_drops_and_counts() -> None:

@@ -283,3 +283,220 @@ def test_metric_names_lexer() -> None:
         'and on (model) (b:c:d offset 1d > 0.5e-3) or label_replace(e, "f", "$1", "g", "(.*)")'
     )
     assert metric_names(expr) == {"a_bucket", "b:c:d", "e"}
+
+
+# ---------------------------------------------------------------- conventions and runbooks
+
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+RUNBOOK_BASE = "https://github.com/modelpulse/modelpulse/blob/main/docs/runbooks.md#"
+RUNBOOK_PARTS = ("**What it means.**", "**First checks.**", "**Queries.**")
+
+
+def runbook_sections() -> dict[str, str]:
+    """Alert name (a `## Name` heading of docs/runbooks.md) -> the text of its section."""
+    text = RUNBOOKS.read_text(encoding="utf-8")
+    parts = re.split(r"^## (\S+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a heading (enough for our CamelCase alert names)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_alerts_follow_the_monitoring_mixin_conventions() -> None:
+    """CamelCase names, severity warning/critical, summary/description/runbook_url."""
+    for rule in rules("alert"):
+        name = rule["alert"]
+        assert re.fullmatch(r"(?:[A-Z][a-z0-9]*)+", name), f"{name}: not CamelCase"
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= set(annotations), name
+        assert annotations["runbook_url"] == RUNBOOK_BASE + github_anchor(name), name
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    sections = runbook_sections()
+    alerts = {rule["alert"] for rule in rules("alert")}
+    assert set(sections) == alerts, (
+        f"docs/runbooks.md: no section for {sorted(alerts - set(sections))}, "
+        f"sections for no alert: {sorted(set(sections) - alerts)}"
+    )
+    for name, text in sections.items():
+        missing = [part for part in RUNBOOK_PARTS if part not in text]
+        assert not missing, f"docs/runbooks.md, {name}: missing {missing}"
+        assert "```promql" in text, f"docs/runbooks.md, {name}: no query to run"
+
+
+def test_runbook_queries_parse_and_select_exported_series(tmp_path: Path) -> None:
+    """Every PromQL line of the runbooks is valid and selects series that exist."""
+    known = set(exported_series()) | {rule["record"] for rule in rules("record")}
+    queries = [
+        line.strip()
+        for block in re.findall(r"```promql\n(.*?)```", RUNBOOKS.read_text(encoding="utf-8"), re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    assert len(queries) >= 2 * len(rules("alert")), queries
+    for query in queries:
+        unknown = metric_names(query) - known
+        assert not unknown, f"runbook query selects series nobody exports: {unknown}: {query}"
+    # promtool parses the queries as the expressions of recording rules.
+    doc = {
+        "groups": [
+            {
+                "name": "runbook-queries",
+                "rules": [
+                    {"record": f"runbook:query_{i}:check", "expr": q} for i, q in enumerate(queries)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "runbook-queries.yml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    promtool("check", "rules", path)
+
+
+# ---------------------------------------------------------------- Wilson bounds
+
+Z = 1.96
+
+
+def wilson(k: float, n: float) -> tuple[float, float]:
+    """Wilson's 95 % score interval of k successes in n trials, the textbook form."""
+    p = k / n
+    denominator = 1 + Z * Z / n
+    centre = p + Z * Z / (2 * n)
+    half = Z * (p * (1 - p) / n + Z * Z / (4 * n * n)) ** 0.5
+    return (centre - half) / denominator, (centre + half) / denominator
+
+
+def promql_round(value: float) -> float:
+    """PromQL's round(value, 0.000001), the same float operations."""
+    inverse = 1.0 / 0.000001
+    return float(int((value * inverse + 0.5) // 1)) / inverse
+
+
+def test_wilson_formula_reference_values() -> None:
+    """The Python reference itself, against values published for Wilson's interval."""
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553-0.3662,
+    # 15/148 -> 0.0624-0.1605, 0/20 -> 0-0.1611, 1/29 -> 0.0061-0.1718.
+    for (k, n), expected in {
+        (81, 263): (0.2553, 0.3662),
+        (15, 148): (0.0624, 0.1605),
+        (0, 20): (0.0, 0.1611),
+        (1, 29): (0.0061, 0.1718),
+    }.items():
+        lower, upper = wilson(k, n)
+        assert (round(lower, 4), round(upper, 4)) == expected, (k, n)
+
+
+def test_wilson_bounds_match_python(tmp_path: Path) -> None:
+    """Prometheus' recorded bounds equal Wilson's formula, from one series or two shards.
+
+    Writes a promtool test: per case (k of n), a model whose counters hold k and n on
+    one partition and a model with the same counts split over two shards; the counters
+    jump from 0 to their value at 5m, so the 5m and 1h increases at 5m are exactly
+    k and n. Accuracy, recall and precision of class "a" and the error ratio all get
+    k/n, and every bound must equal the Python value (rounded to 1e-6 on both sides).
+    """
+    cases = [(0, 12), (12, 12), (9, 12), (70, 100), (1, 1000), (999, 1000), (4321, 5000)]
+    series: list[dict[str, str]] = []
+    samples: dict[str, list[dict[str, Any]]] = {}
+
+    def add(
+        metric: str, model: str, shards: list[tuple[str, str]], value: int, **labels: str
+    ) -> None:
+        parts = [value // len(shards)] * len(shards)
+        parts[0] += value - sum(parts)
+        for (instance, partition), part in zip(shards, parts, strict=True):
+            extra = "".join(f', {key}="{v}"' for key, v in labels.items())
+            series.append(
+                {
+                    "series": f'{metric}{{job="modelpulse-aggregator", instance="{instance}", '
+                    f'partition="{partition}", model="{model}", version="v1"{extra}}}',
+                    "values": f"0x4 {part}",
+                }
+            )
+
+    for i, (k, n) in enumerate(cases):
+        lower, upper = wilson(k, n)
+        for layout, shards in {"one": [("s0", "0")], "two": [("s0", "1"), ("s1", "2")]}.items():
+            model = f"case{i}-{layout}"
+            for actual, predicted, count in (("a", "a", k), ("a", "b", n - k)):
+                add(
+                    "model_confusion_total",
+                    f"{model}-recall",
+                    shards,
+                    count,
+                    actual=actual,
+                    predicted=predicted,
+                )
+            for actual, predicted, count in (("a", "a", k), ("b", "a", n - k)):
+                add(
+                    "model_confusion_total",
+                    f"{model}-precision",
+                    shards,
+                    count,
+                    actual=actual,
+                    predicted=predicted,
+                )
+            for outcome, count in (("error", k), ("ok", n - k)):
+                add(
+                    "inference_predictions_total", f"{model}-errors", shards, count, outcome=outcome
+                )
+            add("inference_errors_total", f"{model}-errors", shards, k, outcome="error")
+            for window in ("5m", "1h"):
+                for side, bound in (("lower", lower), ("upper", upper)):
+                    expected = [
+                        (f"model:accuracy:wilson_{side}{window}", f"{model}-recall", {}),
+                        (f"model:recall:wilson_{side}{window}", f"{model}-recall", {"class": "a"}),
+                        (
+                            f"model:precision:wilson_{side}{window}",
+                            f"{model}-precision",
+                            {"class": "a"},
+                        ),
+                        (f"model:inference_errors:wilson_{side}{window}", f"{model}-errors", {}),
+                    ]
+                    for metric, m, extra in expected:
+                        labels = {"model": m, "version": "v1", **extra}
+                        text = ", ".join(f'{key}="{v}"' for key, v in labels.items())
+                        samples.setdefault(metric, []).append(
+                            {"labels": f"{{{text}}}", "value": promql_round(bound)}
+                        )
+
+    def keep(metric: str) -> str:
+        """The metric for the models built for it, class "a" only (b has other counts)."""
+        kind = {"accuracy": "recall", "inference_errors": "errors"}.get(
+            metric.split(":")[1], metric.split(":")[1]
+        )
+        return f'round({metric}{{model=~".*-{kind}", class!="b"}}, 0.000001)'
+
+    doc = {
+        "rule_files": [
+            str(PROM / "rules" / "recording.yml"),
+            str(PROM / "rules" / "confidence.yml"),
+        ],
+        "evaluation_interval": "1m",
+        "group_eval_order": [
+            "modelpulse-model-traffic",
+            "modelpulse-model-quality",
+            "modelpulse-model-confidence",
+        ],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {"expr": keep(metric), "eval_time": "5m", "exp_samples": expected}
+                    for metric, expected in samples.items()
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "wilson_test.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    out = promtool("test", "rules", path)
+    assert "SUCCESS" in out, out
+    # Each case once per layout and window: the two-shard models got the same values.
+    assert len(samples) == 16 and all(len(v) == 2 * len(cases) for v in samples.values())

@@ -39,6 +39,9 @@ class FakeMessage:
     def partition(self) -> int:
         return 0
 
+    def headers(self) -> None:
+        return None
+
     def error(self) -> None:
         return None
 
