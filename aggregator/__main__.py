@@ -105,18 +105,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("modelpulse.aggregator").error("%s", exc)
         return 1
     except KafkaException as exc:
-        # Most often credentials or TLS: librdkafka logged the cause (e.g. "SASL
-        # authentication error") just above; its error text never carries a secret.
+        # Most often credentials or TLS. librdkafka's texts never carry a secret.
         logging.getLogger("modelpulse.aggregator").error(
-            "cannot use Kafka at %s (security_protocol=%s%s): %s; check the "
-            "credentials and TLS settings",
+            "cannot use Kafka at %s (security_protocol=%s%s): %s; cause: %s",
             settings.bootstrap_servers,
             settings.security_protocol,
             f", sasl_username={settings.sasl_username}" if settings.sasl_username else "",
             exc.args[0].str() if exc.args else exc,
+            _connection_error(settings),
         )
         return 1
     return 0
+
+
+def _connection_error(settings: AggregatorSettings, wait_seconds: float = 5.0) -> str:
+    """The first error a fresh client reports, e.g. "SASL authentication error: ...".
+
+    The shard's own clients only say that metadata timed out; the reason (wrong
+    password, unknown CA...) is reported asynchronously, so ask once more and listen.
+    """
+    import time  # noqa: PLC0415
+
+    from confluent_kafka import KafkaError, KafkaException, Producer  # noqa: PLC0415
+
+    errors: list[KafkaError] = []
+    try:
+        probe = Producer(
+            # log_level 0: the cause is reported once, in the error line, not also on stderr.
+            {**settings.kafka_config(), **settings.kafka, "error_cb": errors.append, "log_level": 0}
+        )
+    except KafkaException as exc:
+        return str(exc.args[0].str() if exc.args else exc)
+    deadline = time.monotonic() + wait_seconds
+    while not errors and time.monotonic() < deadline:
+        probe.poll(0.2)
+    if not errors:
+        return "unknown (no error reported within the wait); check the brokers' logs"
+    return str(errors[0].str())
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ from schemas.wire import (
     SchemaId,
 )
 
-__all__ = ["EventDecodeResult", "EventDecoder", "decode_events_per_record"]
+__all__ = ["MIN_BULK", "EventDecodeResult", "EventDecoder", "decode_events_per_record"]
+
+# Below this many messages, fastavro record by record is as fast (measured: break-even
+# near 100 events; bench/bench_decode.py prints both per batch size).
+MIN_BULK: Final = 128
 
 _PAD: Final = 64  # zero bytes after the buffer: gathers past a record's end stay in bounds
 _ZEROS: Final = bytes(_PAD)
@@ -50,7 +54,6 @@ _M16: Final = np.uint64(0x00FF00FF00FF00FF)
 _M32: Final = np.uint64(0x0000FFFF0000FFFF)
 _M64: Final = np.uint64(0x00000000FFFFFFFF)
 _ONE: Final = np.uint64(1)
-_ALL: Final = np.uint64(0xFFFFFFFFFFFFFFFF)
 _BYTE_MASKS: Final = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
 _MIX: Final = np.uint64(0x9E3779B97F4A7C15)
 _MIX2: Final = np.uint64(0xBF58476D1CE4E5B9)
@@ -123,6 +126,18 @@ def _min_size(node: _Node) -> int:
     return sum(_min_size(f) for f in node[1])
 
 
+def _empty_items(node: _Node) -> bool:
+    """Whether an array anywhere in ``node`` has items of zero bytes (no bound on counts)."""
+    kind = node[0]
+    if kind == "array":
+        return _min_size(node[1]) == 0 or _empty_items(node[1])
+    if kind == "map":
+        return _empty_items(node[1])
+    if kind in ("union", "record"):
+        return any(_empty_items(b) for b in node[1])
+    return False
+
+
 def _plain(t: Any) -> str | None:
     """The primitive name of a type without a logical type (fastavro returns it as is)."""
     if isinstance(t, str) and t in _PRIMITIVES:
@@ -144,12 +159,13 @@ class _Op:
     """One writer field: what to read and where it goes."""
 
     name: str
-    kind: str  # long, double, string, outcome, opt, features, check, skip
+    # long, double, string, outcome, opt, features: columns; check: read by fastavro but
+    # not kept (validated only); skip: the reader lacks it (fastavro skips it unchecked)
+    kind: str
     node: _Node
     codes: np.ndarray | None = None  # outcome: writer symbol -> outcome code, -1 = per record
     opt: tuple[int, ...] = ()  # opt: kind per writer branch (-1 = per record)
     single: int | None = None  # opt: a writer type that is not a union
-    utf8: bool = False  # check: strings are decoded by fastavro, so must be valid UTF-8
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +219,8 @@ def _compile(writer: Any, reader: Any | None) -> _Program:
         rf = rfields.get(name)
         node = _node(wt, named_w)
         if rf is None:  # the reader skips it: any bytes fastavro can skip will do
-            if _min_size(node) == 0 and node[0] in ("array", "map"):
-                raise _Unsupported(f"{name}: zero-size items")
+            if _empty_items(node):
+                raise _Unsupported(f"{name}: an array of zero-size items")
             ops.append(_Op(name, "skip", node))
             continue
         rt = rf["type"]
@@ -212,7 +228,7 @@ def _compile(writer: Any, reader: Any | None) -> _Program:
         if target is None:
             if _plain(wt) is None or _plain(wt) != _plain(rt):
                 raise _Unsupported(f"{name}: read field of type {wt!r}")
-            ops.append(_Op(name, "check", node, utf8=True))
+            ops.append(_Op(name, "check", node))  # fastavro decodes it: validate UTF-8
         elif target in ("long", "double", "string"):
             if _plain(wt) != target or _plain(rt) != target:
                 raise _Unsupported(f"{name}: {wt!r} is not {target}")
@@ -298,7 +314,9 @@ def _zigzag(v: np.ndarray) -> np.ndarray:
 def _varint(buf: _Buf, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Zigzag longs at ``pos``: (values, new positions, rows to leave to fastavro or None)."""
     b0 = buf.u8[pos]
-    if not b0.size or int(b0.max()) < 0x80:  # one byte each: lengths, indices, counts
+    if not (b0 & np.uint8(0x81)).any():  # one byte, >= 0: lengths, indices, most counts
+        return (b0 >> np.uint8(1)).astype(np.int64), pos + 1, None
+    if int(b0.max()) < 0x80:
         small = b0.astype(np.int64)
         return (small >> 1) ^ -(small & 1), pos + 1, None
     w = buf.u64[pos]
@@ -397,8 +415,12 @@ class _Run:
         act = np.flatnonzero(remaining > 0)
         t = 0
         while act.size:
-            r = rows[act]
-            pos[act] = item(r, pos[act], t)
+            if act.shape[0] == rows.shape[0]:  # every record has an item: no gathers
+                r = rows
+                pos = item(rows, pos, t).copy()
+            else:
+                r = rows[act]
+                pos[act] = item(r, pos[act], t)
             remaining[act] -= 1
             remaining[act[self.bad[r]]] = 0
             fin = act[remaining[act] == 0]
@@ -478,33 +500,48 @@ class _Run:
 
     def opt(self, op: _Op, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
         m = rows.shape[0]
-        kinds = np.zeros(m, dtype=np.int8)
-        value = np.full(m, np.nan, dtype=FLOAT_DTYPE)
-        start = np.zeros(m, dtype=np.int64)
-        length = np.zeros(m, dtype=np.int64)
         if op.single is not None:
             branch_of: np.ndarray | None = None
             plan: tuple[int, ...] = (op.single,)
         else:
             plan = op.opt
-            branch_of, pos = self.index(rows, pos, len(plan))
-        pos = pos.copy()
+            branch_of, pos = self.index(rows, pos, len(plan))  # a new array: ours to change
+        kinds = np.zeros(m, dtype=np.int8)
+        value = np.full(m, np.nan, dtype=FLOAT_DTYPE)
+        start = np.zeros(m, dtype=np.int64)
+        length = np.zeros(m, dtype=np.int64)
         for b, kind in enumerate(plan):
-            sel = np.arange(m) if branch_of is None else np.flatnonzero(branch_of == b)
-            if not sel.size:
-                continue
+            sel: np.ndarray | None = None  # None: every record takes this branch
+            if branch_of is not None:
+                mask = branch_of == b
+                count = int(np.count_nonzero(mask))
+                if not count:
+                    continue
+                if count < m:
+                    sel = np.flatnonzero(mask)
+            r, p = (rows, pos) if sel is None else (rows[sel], pos[sel])
             if kind < 0:
-                self.bad[rows[sel]] = True
+                self.bad[r] = True
             elif kind == _DBL:
-                p = pos[sel]
-                value[sel] = self.buf.f64[p]
-                pos[sel] = self.settle(rows[sel], p + 8)
+                got = self.buf.f64[p]
+                p = self.settle(r, p + 8)
+                if sel is None:
+                    value = got
+                else:
+                    value[sel] = got
             elif kind == _STR:
-                s, n, p = self.string(rows[sel], pos[sel])
-                start[sel] = s
-                length[sel] = n
+                s, n, p = self.string(r, p)
+                if sel is None:
+                    start, length = s, n
+                else:
+                    start[sel] = s
+                    length[sel] = n
+            if sel is None:
+                kinds[:] = kind
+                pos = p
+            else:
+                kinds[sel] = kind
                 pos[sel] = p
-            kinds[sel] = kind
         self.cols[op.name] = (kinds, value, start, length)
         return pos
 
@@ -681,7 +718,7 @@ class _Group:
 
 
 def _check_utf8(run: _Run) -> None:
-    """Flag records whose kept-unseen strings (event_id, service...) fastavro would reject."""
+    """Flag records with invalid UTF-8 in strings fastavro decodes but no column keeps."""
     data = run.buf.data
     for rows, start, n in run.checked:
         live = np.flatnonzero(~run.bad[rows])
@@ -920,14 +957,19 @@ class EventDecoder:
     """Decode the ``PredictionEvent`` messages of one consumed batch at once.
 
     >>> from aggregator.decode import SchemaResolver
-    >>> decoder = EventDecoder(SchemaResolver())
-    >>> result = decoder.decode([], [])
-    >>> len(result.chunk), result.rejected
-    (0, [])
+    >>> from schemas.wire import frame
+    >>> decoder = EventDecoder(SchemaResolver(), min_bulk=0)
+    >>> body = bytes([0, 2, 2, 109, 0]) + bytes(8) + bytes([0, 0, 0, 0, 0, 0, 0, 0])
+    >>> result = decoder.decode([frame(1, body)], [42])
+    >>> result.chunk.mv_keys, result.chunk.offset.tolist(), result.bulk
+    ([('m', '')], [42], True)
     """
 
-    def __init__(self, resolver: SchemaResolver) -> None:
+    def __init__(self, resolver: SchemaResolver, *, min_bulk: int = MIN_BULK) -> None:
+        if min_bulk < 0:
+            raise ValueError(f"min_bulk must be >= 0, got {min_bulk}")
         self._resolver = resolver
+        self._min_bulk = min_bulk
         self._programs: dict[int, _Program | None] = {}
 
     def program(self, schema_id: int) -> _Program | None:
@@ -953,20 +995,26 @@ class EventDecoder:
     ) -> EventDecodeResult:
         """Decode framed ``PredictionEvent`` values; ``offsets`` are their Kafka offsets.
 
-        Equal to ``decode_events_per_record`` on the same input; raises ``ValueError``
-        for a value of another kind (the caller splits its batch by kind first).
+        Equal to ``decode_events_per_record`` on the same input, which it uses for fewer
+        than ``min_bulk`` values and for writer schemas it cannot compile. Raises
+        ``ValueError`` for a message of another kind that decodes (the caller splits its
+        batch by kind first).
         """
         n = len(values)
         offs = np.asarray(offsets, dtype=np.int64)
         if offs.shape != (n,):
             raise ValueError(f"{n} values but {offs.shape[0]} offsets")
+        if n < self._min_bulk:  # a pass costs ~0.5 ms whatever the count
+            return decode_events_per_record(values, offs, self._resolver)
         if not n:
             return EventDecodeResult(EventChunkBuilder().build(), [], bulk=True)
         try:
             padded = b"".join([*values, _ZEROS])  # type: ignore[list-item]  # None: below
-        except TypeError:
-            return decode_events_per_record(values, offs, self._resolver)
-        lens = np.fromiter(map(len, values), dtype=np.int64, count=n)  # type: ignore[arg-type]
+            present: Sequence[bytes] = values  # type: ignore[assignment]
+        except TypeError:  # a tombstone: read() rejects it as truncated, like b""
+            present = [b"" if v is None else v for v in values]
+            padded = b"".join([*present, _ZEROS])
+        lens = np.fromiter(map(len, present), dtype=np.int64, count=n)
         buf = _Buf(padded)
         size = len(padded) - _PAD
         end = np.cumsum(lens)
@@ -994,6 +1042,11 @@ class EventDecoder:
                 # read(), as they would one by one (the resolver caches or backs off).
                 rejected.append((int(members[0]), exc))
                 suspect[members[1:]] = True
+                continue
+            except ValueError:
+                # Another kind (a corrupt id, say): read() says whether the message
+                # decodes (then the caller sent a non-event: ValueError) or is rejected.
+                suspect[members] = True
                 continue
             if program is None:
                 return decode_events_per_record(values, offs, self._resolver)

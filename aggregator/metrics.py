@@ -36,13 +36,25 @@ from aggregator.catalog import MACRO
 from aggregator.decode import SchemaResolver
 from aggregator.exposition import Family
 from aggregator.quality import (
+    calibration_errors,
     classification_metrics,
+    estimated_accuracy,
     histogram_quantiles,
     jensen_shannon_distance,
+    kolmogorov_smirnov_statistic,
     population_stability_index,
     regression_metrics,
+    wasserstein_distance,
 )
-from aggregator.state import REJECT_REASONS, StateConfig, StateView, WindowAggregate
+from aggregator.state import (
+    CALIBRATION_BINS,
+    DRIFT_CENTERS,
+    REJECT_REASONS,
+    StateConfig,
+    StateView,
+    WindowAggregate,
+    score_bin_centers,
+)
 from schemas.wire import OUTCOMES
 
 __all__ = [
@@ -57,6 +69,10 @@ __all__ = [
 log = logging.getLogger("modelpulse.aggregator")
 
 QUANTILES: Final = (0.5, 0.9, 0.99)
+# Label of a reliability bin: its upper bound ("0.1" .. "1"), as a histogram's ``le``.
+CALIBRATION_BIN_LABELS: Final = tuple(
+    format((k + 1) / CALIBRATION_BINS, "g") for k in range(CALIBRATION_BINS)
+)
 _VALID = OUTCOMES[:4]
 _MV = ("model", "version", "partition")
 # Known up front, so each counter starts at 0 and ``increase()`` reads 0, not "no data".
@@ -467,6 +483,16 @@ def _model_rows(v: StateView, config: StateConfig, owners: np.ndarray, cols: _Co
     cols.extend("model_confusion", cells, conf[i, a, pc], owners[i])
     cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
     cols.extend("inference_segment_predictions", cells, cum["seg"][i, g], owners[i])
+    # Both halves of a reliability bin that has any labelled row, so a ratio never lacks one.
+    cal = cum["cal"] * ~regression[:, None, None]
+    i, b = np.nonzero(cal.sum(axis=-1) > 0)
+    for correct, flag in ((0, "false"), (1, "true")):
+        cols.extend(
+            "model_calibration",
+            [(*mvl[j], CALIBRATION_BIN_LABELS[k], flag) for j, k in zip(i, b, strict=True)],
+            cal[i, b, correct],
+            owners[i],
+        )
     # A class named like the macro average would share its labels: the catalog folds
     # such names, and the per-class rows leave them out in case a view still has one.
     not_macro = np.array([[n != MACRO for n in names] for names in classes], dtype=bool)
@@ -581,28 +607,57 @@ def _window_rows(
         cols.extend(fam, labels, per[i, c], owners[i])
         cols.extend(fam, macro_labels, macro[cls_idx], owners[cls_idx])
 
-    ref = v.has_reference
-    for name, ref_hist, cur, which in (
-        ("score", v.reference["score"], w.score[:m], ref),
-        ("prediction", v.reference["pred_class"], w.pred_class[:m], ref & classification),
-        ("prediction_value", v.reference["pred_hist"], w.pred_hist[:m], ref & regression),
+    # Calibration and the label-free estimate (classification): see calibration_errors.
+    ece, brier = calibration_errors(w.cal[:m], w.cal_score[:m], w.brier[:m])
+    estimated = estimated_accuracy(w.est_sum[:m], w.est[:m])
+    gap = estimated - cm.accuracy  # NaN (absent) while the window has no labelled row
+    cls_labels = [wlab[i] for i in cls_idx]
+    for fam, values in (
+        ("model_expected_calibration_error", ece),
+        ("model_brier_score", brier),
+        ("model_estimated_accuracy", estimated),
+        ("model_accuracy_gap", gap),
     ):
+        cols.extend(fam, cls_labels, values[cls_idx], owners[cls_idx])
+
+    ref = v.has_reference
+    score_centers = score_bin_centers(config.score_bounds)
+    for name, ref_hist, cur, which, centers in (
+        ("score", v.reference["score"], w.score[:m], ref, score_centers),
+        # Classes have no order: KS and W1 would depend on the order names were seen.
+        ("prediction", v.reference["pred_class"], w.pred_class[:m], ref & classification, None),
+        ("prediction_value", v.reference["pred_hist"], w.pred_hist[:m], ref & regression,
+         DRIFT_CENTERS),
+    ):  # fmt: skip
         idx = np.flatnonzero(which)
         if not idx.size:
             continue
-        psi = population_stability_index(ref_hist[idx], cur[idx])
-        js = jensen_shannon_distance(ref_hist[idx], cur[idx])
-        cols.extend("model_drift_score", [(*wlab[j], name, "psi") for j in idx], psi, owners[idx])
-        cols.extend("model_drift_score", [(*wlab[j], name, "js") for j in idx], js, owners[idx])
+        r, c = ref_hist[idx], cur[idx]
+        scores = [
+            ("psi", population_stability_index(r, c)),
+            ("js", jensen_shannon_distance(r, c)),
+        ]
+        if centers is not None:
+            scores.append(("ks", kolmogorov_smirnov_statistic(r, c)))
+            scores.append(("wasserstein", wasserstein_distance(r, c, centers)))
+        for method, values in scores:
+            labels = [(*wlab[j], name, method) for j in idx]
+            cols.extend("model_drift_score", labels, values, owners[idx])
     features = [[f"feature:{n}" if n else "" for n in e[5]] for e in v.entries]
     named = np.array([[bool(n) for n in fs] for fs in features], dtype=bool).reshape(m, -1)
     mask = named & ref[:, None]
     if mask.any():
-        fpsi = population_stability_index(v.reference["feat"], w.feat[:m])
-        fjs = jensen_shannon_distance(v.reference["feat"], w.feat[:m])
+        r, c = v.reference["feat"], w.feat[:m]
         labels, (i, f) = _cells(mvl, features, mask, wl)
-        cols.extend("model_drift_score", [(*x, "psi") for x in labels], fpsi[i, f], owners[i])
-        cols.extend("model_drift_score", [(*x, "js") for x in labels], fjs[i, f], owners[i])
+        for method, values in (
+            ("psi", population_stability_index(r, c)),
+            ("js", jensen_shannon_distance(r, c)),
+            ("ks", kolmogorov_smirnov_statistic(r, c)),
+            ("wasserstein", wasserstein_distance(r, c, DRIFT_CENTERS)),
+        ):
+            cols.extend(
+                "model_drift_score", [(*x, method) for x in labels], values[i, f], owners[i]
+            )
 
 
 _W = (*_MV, "window")
@@ -633,6 +688,12 @@ _SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "Predictions by segment, closed panes.",
         (*_MV, "segment"),
     ),
+    (
+        "model_calibration",
+        "counter",
+        "Labelled ok predictions with a score, by score bin (upper bound) and correctness.",
+        (*_MV, "bin", "correct"),
+    ),
     ("model_info", "gauge", "A model version seen in this partition (value 1).", (*_MV, "task")),
     ("model_update_time_seconds", "gauge", "Event time the version was first seen.", _MV),
     ("model_window_predictions", "gauge", "Predictions in the last closed window.", _W),
@@ -653,9 +714,33 @@ _SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
     ("model_mae", "gauge", "Mean absolute error (regression), last closed window.", _W),
     ("model_rmse", "gauge", "Root mean squared error (regression), last closed window.", _W),
     (
+        "model_expected_calibration_error",
+        "gauge",
+        "Expected calibration error over 10 score bins, labelled predictions, last closed window.",
+        _W,
+    ),
+    (
+        "model_brier_score",
+        "gauge",
+        "Mean (score - correct)^2 of labelled predictions, last closed window.",
+        _W,
+    ),
+    (
+        "model_estimated_accuracy",
+        "gauge",
+        "Mean score of ok predictions, labelled or not: the accuracy if calibrated.",
+        _W,
+    ),
+    (
+        "model_accuracy_gap",
+        "gauge",
+        "Estimated minus realised accuracy, last closed window.",
+        _W,
+    ),
+    (
         "model_drift_score",
         "gauge",
-        "Drift of a distribution against the reference.",
+        "Drift of a distribution against the reference (psi, js, ks, wasserstein).",
         (*_W, "feature", "method"),
     ),
     (

@@ -16,11 +16,15 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "ClassificationMetrics",
+    "calibration_errors",
     "classification_metrics",
+    "estimated_accuracy",
     "histogram_quantiles",
     "jensen_shannon_distance",
+    "kolmogorov_smirnov_statistic",
     "population_stability_index",
     "regression_metrics",
+    "wasserstein_distance",
 ]
 
 _F8 = NDArray[np.float64]
@@ -272,3 +276,90 @@ def jensen_shannon_distance(reference: ArrayLike, current: ArrayLike) -> _F8:
     # Rounding can push the divergence a hair outside [0, 2]; NaN (empty) passes through.
     distance = np.sqrt(np.clip(divergence / 2.0, 0.0, 1.0))
     return np.where(empty, np.nan, distance)
+
+
+def kolmogorov_smirnov_statistic(reference: ArrayLike, current: ArrayLike) -> _F8:
+    """Binned Kolmogorov-Smirnov statistic of two count histograms ``[..., K]``.
+
+    ``max |CDF_current - CDF_reference|`` over the upper edges of the bins: the two-sample
+    KS statistic of the binned data, which never exceeds the statistic of the raw values
+    (values that share a bin cannot be told apart). The bins must be ordered (a value
+    axis); for unordered categories the result depends on their order. In [0, 1]; NaN
+    where either histogram is empty.
+
+    >>> float(kolmogorov_smirnov_statistic([2, 2, 0], [0, 2, 2]))
+    0.5
+    """
+    ref, cur, empty = _distributions(reference, current)
+    if ref.shape[-1] == 0:
+        raise ValueError("reference and current must have at least one bin")
+    # Empty histograms gave NaN proportions; the result is replaced below.
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(np.cumsum(cur - ref, axis=-1)).max(axis=-1)
+    return np.where(empty, np.nan, np.minimum(gap, 1.0))
+
+
+def wasserstein_distance(reference: ArrayLike, current: ArrayLike, centers: ArrayLike) -> _F8:
+    """Wasserstein-1 distance of two count histograms ``[..., K]``, each bin's mass at its
+    centre.
+
+    ``sum_i |CDF_current(i) - CDF_reference(i)| * (centers[i + 1] - centers[i])``: exactly
+    ``scipy.stats.wasserstein_distance(centers, centers, reference, current)``, in the
+    units of ``centers`` (with equal-width bins, the spacing is the bin width). NaN where
+    either histogram is empty.
+
+    >>> float(wasserstein_distance([1, 0, 0], [0, 0, 1], [0.5, 1.5, 2.5]))
+    2.0
+    """
+    c = np.asarray(centers, dtype=np.float64)
+    if c.ndim != 1 or not np.all(np.isfinite(c)) or np.any(np.diff(c) < 0):
+        raise ValueError("centers must be a 1-D array of finite, non-decreasing values")
+    ref, cur, empty = _distributions(reference, current)
+    if ref.shape[-1] != c.shape[0]:
+        raise ValueError(f"centers must have one value per bin ({ref.shape[-1]}), got {c.shape}")
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(np.cumsum(cur - ref, axis=-1)[..., :-1])
+        distance = (gap * np.diff(c)).sum(axis=-1)
+    return np.where(empty, np.nan, distance)
+
+
+def calibration_errors(
+    counts: ArrayLike, score_sums: ArrayLike, squared_error_sums: ArrayLike
+) -> tuple[_F8, _F8]:
+    """``(expected calibration error, Brier score)`` from reliability bins.
+
+    ``counts[..., B, 2]`` are the labelled predictions per score bin, incorrect (0) and
+    correct (1); ``score_sums[..., B]`` the sum of their scores per bin and
+    ``squared_error_sums[...]`` the sum of ``(score - correct)^2`` over them. ECE is
+    ``sum_b n_b / N * |accuracy_b - mean score_b|`` (= ``sum_b |correct_b - score_sum_b|
+    / N``); Brier is the mean squared error, as ``sklearn.metrics.brier_score_loss(correct,
+    score)``. Both NaN where ``N`` is 0.
+
+    >>> ece, brier = calibration_errors([[[1, 1], [0, 2]]], [[1.0, 1.8]], [0.9])
+    >>> round(float(ece[0]), 6), round(float(brier[0]), 6)
+    (0.05, 0.225)
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    s = np.asarray(score_sums, dtype=np.float64)
+    if n.ndim < 2 or n.shape[-1] != 2 or n.shape[:-1] != s.shape:
+        raise ValueError(
+            f"counts must have shape [..., B, 2] and score_sums [..., B], got {n.shape}"
+            f" and {s.shape}"
+        )
+    total = n.sum(axis=(-2, -1))
+    ece = _ratio(np.abs(n[..., 1] - s).sum(axis=-1), total)
+    return ece, _ratio(squared_error_sums, total)
+
+
+def estimated_accuracy(score_sums: ArrayLike, counts: ArrayLike) -> _F8:
+    """Mean score of predictions: the accuracy a calibrated model implies, without labels.
+
+    With ``score`` the probability of the predicted class, a calibrated model is right
+    with that probability, so the mean score is its expected accuracy. For a model that
+    is not calibrated (most are not) it is only that: compare it with the realised
+    accuracy once labels arrive. NaN where ``counts`` is 0.
+
+    >>> estimated_accuracy([3.0, 0.0], [4, 0]).tolist()
+    [0.75, nan]
+    """
+    return _ratio(score_sums, counts)

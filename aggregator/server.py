@@ -137,11 +137,17 @@ class _HTTPServer(ThreadingHTTPServer):
         if tls is not None:
             request.settimeout(_HANDSHAKE_TIMEOUT_SECONDS)
             try:
-                request = tls.wrap_socket(request, server_side=True)
+                wrapped = tls.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 log.debug("TLS handshake with %s failed: %s", client_address, exc)
                 return
-            request.settimeout(None)
+            try:
+                wrapped.settimeout(None)
+                super().finish_request(wrapped, client_address)
+            finally:
+                # shutdown_request() closes the plain socket, which the wrapper now owns.
+                wrapped.close()
+            return
         super().finish_request(request, client_address)
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -154,6 +160,8 @@ class MetricsServer:
 
     ``/healthz`` answers 200 while healthy (the default) and ``/readyz`` 200 once
     ready; otherwise 503 with the reason as body. Port 0 picks a free port.
+    ``use_web_config`` adds TLS (every path) and basic auth (``/metrics`` only),
+    see ``aggregator.webconfig``.
 
     >>> import urllib.request
     >>> with MetricsServer("127.0.0.1", 0) as server:
@@ -182,7 +190,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port/metrics``."""
+        """``http://host:port/metrics`` (``https://`` with TLS)."""
         host = f"[{self._host}]" if ":" in self._host else self._host
         scheme = "https" if self._web.tls is not None else "http"
         return f"{scheme}://{host}:{self.port}/metrics"

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aggregator.catalog import Limits
-from aggregator.state import StateConfig, load_reference_file
+from aggregator.state import CALIBRATION_BINS, StateConfig, load_reference_file
 from schemas.registry import SchemaRegistry
 
 __all__ = ["AggregatorSettings", "parse_duration_ms"]
@@ -65,7 +65,9 @@ class AggregatorSettings(BaseSettings):
     windows: str = Field("1m,5m,1h", description="Sliding windows, multiples of the pane.")
     lateness: str = Field("10s", description="Allowed lateness before a pane closes.")
     max_future: str = Field(
-        "5m", description="Events this far after their Kafka timestamp are rejected."
+        "5m",
+        description="Events (and markers) further ahead than this of min(their Kafka "
+        "timestamp, the shard's clock at ingest) are rejected.",
     )
     latency_buckets: str = Field(
         "0.001,0.0025,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10",
@@ -257,8 +259,10 @@ class AggregatorSettings(BaseSettings):
             len(_floats(b)) + 3
             for b in (self.latency_buckets, self.score_buckets, self.error_buckets)
         )
-        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist
-        per_window = 3 + 3 + 2 + 1 + 5 * (c + 1) + 2 * 2 * (f + 2)
+        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist + 2 * CALIBRATION_BINS
+        # ... + ECE, Brier, estimated accuracy and its gap + drift: at most 4 methods
+        # (psi, js, ks, wasserstein) x (score, prediction, each feature).
+        per_window = 3 + 3 + 2 + 1 + 5 * (c + 1) + 4 + 4 * (f + 2)
         return cumulative + n_windows * per_window
 
     def kafka_config(self) -> dict[str, Any]:

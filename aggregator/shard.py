@@ -207,6 +207,7 @@ class Shard:
         self._last_snapshot = time.monotonic()
         self._delivery_errors = 0
         self._unacked_dead_letters: list[_DeadLetter] = []  # refused or failed: produce again
+        self._dead_letters_stalled = False  # some could not be written: /healthz says so
         self._dead_letter_max_bytes = _BROKER_DEFAULT_MAX_BYTES  # the DLQ's, see ensure_topics
         # partition -> (offset, consecutive errors there, first of them, last error)
         self._fetch_errors: dict[int, tuple[int, int, float, KafkaError]] = {}
@@ -719,9 +720,15 @@ class Shard:
             left = self.producer.flush(max(0.0, deadline - time.monotonic()))
             retry, self._unacked_dead_letters = self._unacked_dead_letters, []
             if not retry and not left:
+                if self._dead_letters_stalled:
+                    self._dead_letters_stalled = False
+                    self._refresh_health()
                 return
             if attempt == 3 or time.monotonic() >= deadline:
                 self._unacked_dead_letters.extend(retry)
+                if retry and not self._dead_letters_stalled:
+                    self._dead_letters_stalled = True
+                    self._refresh_health()
                 raise AggregatorError(
                     f"{len(retry)} dead letters refused and {left} messages unacknowledged; "
                     "no snapshot until they are written"
@@ -945,6 +952,8 @@ class Shard:
         stuck = sorted(p for p, v in self.health.stuck_partitions.items() if v)
         if stuck:
             self.server.set_healthy(False, f"partitions stuck: {stuck}")
+        elif self._dead_letters_stalled:
+            self.server.set_healthy(False, "dead letters refused; snapshots held back")
         elif self._fatal is None:
             self.server.set_healthy(True)
         self._force_render = True

@@ -26,6 +26,9 @@ from aggregator.errors import ConfigMismatch
 from aggregator.window import NO_TIME, closed_panes, late_mask
 
 __all__ = [
+    "CALIBRATION_BINS",
+    "DRIFT_BINS",
+    "DRIFT_CENTERS",
     "REJECT_REASONS",
     "IngestResult",
     "PartitionState",
@@ -33,6 +36,7 @@ __all__ = [
     "StateView",
     "WindowAggregate",
     "load_reference_file",
+    "score_bin_centers",
 ]
 
 N_OUTCOMES: Final = 5  # ok, error, timeout, rejected, unknown (schemas.wire.OUTCOMES)
@@ -42,6 +46,17 @@ DRIFT_BINS: Final = 64
 RESOURCE_TTL_MS: Final = 600_000  # an instance silent this long (event time) is dropped
 MAX_INSTANCES: Final = 256  # resource series per partition
 _DRIFT_RANGE: Final = 8.0  # asinh space: |x| up to ~1490 gets its own bins
+# Reliability bins of the score: (0.1 (k - 1), 0.1 k], the first one from 0 inclusive,
+# as sklearn.calibration.calibration_curve(n_bins=10) cuts them.
+CALIBRATION_BINS: Final = 10
+_CAL_EDGES: Final = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)[1:-1]
+# Which measures (pane arrays) a snapshot holds: part of the config digest, so a snapshot
+# taken before a measure was added is refused with ConfigMismatch (the config-changed
+# path) rather than half restored. Bump it whenever _PANE_ARRAYS or a tail changes.
+STATE_FORMAT: Final = 2
+_DRIFT_WIDTH: Final = 2 * _DRIFT_RANGE / DRIFT_BINS  # 0.25 in asinh space
+# Centre of each drift bin in asinh space (the two end bins also hold everything beyond).
+DRIFT_CENTERS: Final = -_DRIFT_RANGE + (np.arange(DRIFT_BINS) + 0.5) * _DRIFT_WIDTH
 
 # Reasons a row (or a heartbeat, or a whole envelope) is rejected and dead-lettered;
 # the position is the code. Append only: snapshots store the counts by name, but the
@@ -164,6 +179,7 @@ class StateConfig:
         fields = asdict(self)
         for name in ("reference_samples", "max_name_length", "max_rows_per_envelope"):
             fields.pop(name)
+        fields["state_format"] = STATE_FORMAT
         doc = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
@@ -194,6 +210,11 @@ class WindowAggregate:
     pred_class: np.ndarray
     pred_hist: np.ndarray
     feat: np.ndarray
+    cal: np.ndarray
+    cal_score: np.ndarray
+    brier: np.ndarray
+    est: np.ndarray
+    est_sum: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +234,21 @@ class StateView:
     max_event_ms: int
     window_end_ms: int
     next_offset: int
+
+
+def score_bin_centers(bounds: Sequence[float]) -> np.ndarray:
+    """Centre of each bucket of the score histogram (``len(bounds) + 1`` values).
+
+    Scores lie in [0, 1], so the buckets are cut to it: the first starts at 0 and the
+    last (``+Inf``) ends at 1; a bucket wholly outside [0, 1] has width 0.
+
+    >>> score_bin_centers([0.5, 1.0]).tolist()
+    [0.25, 0.75, 1.0]
+    """
+    edges = np.clip(np.concatenate([[0.0], np.asarray(bounds, dtype=np.float64), [1.0]]), 0, 1)
+    edges = np.maximum.accumulate(edges)
+    centers: np.ndarray = (edges[:-1] + edges[1:]) / 2
+    return centers
 
 
 def _names(table: dict[str, int], size: int) -> list[str]:
@@ -312,8 +348,18 @@ class PartitionState:
         "pred_hist",
         "feat",
         "seg",
+        # Classification only. Labelled ok rows with a score: counts per reliability bin
+        # x (incorrect, correct), their score sums per bin, and sum of (score - correct)^2.
+        "cal",
+        "cal_score",
+        "brier",
+        # Ok rows with a predicted class and a score, labelled or not: count, score sum.
+        "est",
+        "est_sum",
     )
-    _FLOAT_ARRAYS: Final = frozenset({"lat_sum", "score_sum", "err_sum", "abs_err", "sq_err"})
+    _FLOAT_ARRAYS: Final = frozenset(
+        {"lat_sum", "score_sum", "err_sum", "abs_err", "sq_err", "cal_score", "brier", "est_sum"}
+    )
 
     def __init__(self, config: StateConfig, partition: int) -> None:
         self.config = c = config
@@ -346,6 +392,11 @@ class PartitionState:
             "pred_hist": (DRIFT_BINS,),
             "feat": (lim.max_features, DRIFT_BINS),
             "seg": (lim.max_segments,),
+            "cal": (CALIBRATION_BINS, 2),
+            "cal_score": (CALIBRATION_BINS,),
+            "brier": (),
+            "est": (),
+            "est_sum": (),
         }
         self._capacity = 0
         self.pane_of_slot = np.full(c.ring, NO_TIME, dtype=np.int64)
@@ -861,6 +912,16 @@ class PartitionState:
         count("conf", (um[both] * ncls + label[both]) * ncls + pred[both], ncls * ncls)
         has_pred = ok & (pred >= 0)
         count("pred_class", um[has_pred] * ncls + pred[has_pred], ncls)
+        scored = has_pred & has
+        count("est", um[scored], 1)
+        count("est_sum", um[scored], 1, score[scored])
+        cal = both & has
+        p_cal = score[cal]
+        correct = (label[cal] == pred[cal]).astype(np.int64)
+        cal_bin = um[cal] * CALIBRATION_BINS + np.searchsorted(_CAL_EDGES, p_cal, "left")
+        count("cal", cal_bin * 2 + correct, CALIBRATION_BINS * 2)
+        count("cal_score", cal_bin, CALIBRATION_BINS, p_cal)
+        count("brier", um[cal], 1, np.square(p_cal - correct))
 
         reg = ok & ~np.isnan(pv) & ~np.isnan(lv)
         err = pv[reg] - lv[reg]
@@ -1003,6 +1064,11 @@ class PartitionState:
             pred_class=total("pred_class"),
             pred_hist=total("pred_hist"),
             feat=total("feat"),
+            cal=total("cal"),
+            cal_score=total("cal_score"),
+            brier=total("brier"),
+            est=total("est"),
+            est_sum=total("est_sum"),
         )
 
     def view(self) -> StateView:
@@ -1096,6 +1162,18 @@ class PartitionState:
         m = len(state.catalog)
         state._grow(max(m, 4))
         with np.load(io.BytesIO(zlib.decompress(data[4 + size :]))) as z:
+            missing = sorted(
+                {"pane_of_slot", "slot_closed", "has_reference"}.union(
+                    f"{k}.{n}" for n in cls._PANE_ARRAYS for k in ("ring", "cum")
+                )
+                .union(f"ref.{n}" for n in state.reference)
+                .difference(z.files)
+            )
+            if missing:  # a format change that forgot to bump STATE_FORMAT: still refused
+                raise ConfigMismatch(
+                    f"partition {meta['partition']}: snapshot lacks {', '.join(missing[:3])}; "
+                    "restart with --rebuild-state to rebuild it from the start of the log"
+                )
             state.pane_of_slot = z["pane_of_slot"].copy()
             state.slot_closed = z["slot_closed"].copy()
             state.has_reference[:m] = z["has_reference"]

@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--cpu", type=int, default=-1, help="core to pin to (-1: none)")
+    parser.add_argument(
+        "--sizes",
+        default="128,1000,20000",
+        help="also time the values in consecutive calls of these many messages (comma list; "
+        "the shard consumes up to 20000 per batch)",
+    )
     parser.add_argument("--quick", action="store_true", help="10k events, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
@@ -116,6 +122,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"per_record_us={us['per-record']:.3f}")
     print(f"bulk_us={us['bulk']:.3f}")
     print(f"speedup={ratio:.2f}")
+
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    if sizes:
+        print(f"\nper call of k messages (us/event, median of {args.repeats}):")
+        print(f"{'k':>7} {'per-record':>11} {'bulk':>8} {'speedup':>8}")
+    for k in sizes:
+        cuts = [(i, min(i + k, len(values))) for i in range(0, len(values), k)]
+        dec = EventDecoder(resolver, min_bulk=0)
+        sized: dict[str, Callable[[], object]] = {
+            "per-record": lambda cuts=cuts: [
+                decode_events_per_record(values[a:b], offsets[a:b], resolver) for a, b in cuts
+            ],
+            "bulk": lambda cuts=cuts, dec=dec: [
+                dec.decode(values[a:b], offsets[a:b]) for a, b in cuts
+            ],
+        }
+        spent: dict[str, list[float]] = {name: [] for name in sized}
+        for _ in range(args.repeats):
+            for name, fn in sized.items():
+                t0 = time.perf_counter()
+                fn()
+                spent[name].append(time.perf_counter() - t0)
+        per = {name: statistics.median(t) / len(values) * 1e6 for name, t in spent.items()}
+        print(f"{k:>7} {per['per-record']:>11.3f} {per['bulk']:>8.3f} "
+              f"{per['per-record'] / per['bulk']:>7.1f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,7 +29,14 @@ from schemas.wire import (
     parsed_schema,
 )
 
-__all__ = ["Row", "encode_batch", "encode_event", "encode_heartbeat", "is_regression"]
+__all__ = [
+    "Row",
+    "encode_batch",
+    "encode_event",
+    "encode_heartbeat",
+    "encode_label",
+    "is_regression",
+]
 
 _NAN = math.nan
 
@@ -130,10 +137,13 @@ def encode_batch(
     id_offsets = id_data = b""
     ids = cols[10]
     if any(ids):
-        encoded = [i.encode() for i in ids]
+        id_data = "".join(ids).encode()
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        if len(id_data) != int(lengths.sum()):  # some id is not ASCII: lengths in bytes
+            lengths = np.fromiter((len(i.encode()) for i in ids), dtype=np.int64, count=len(ids))
         offsets = np.zeros(len(rows) + 1, dtype=EVENT_ID_OFFSET_DTYPE)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
-        id_offsets, id_data = offsets.tobytes(), b"".join(encoded)
+        np.cumsum(lengths, out=offsets[1:])
+        id_offsets = offsets.tobytes()
 
     score = _values(cols[6])
     record = {
@@ -197,6 +207,26 @@ def encode_event(
     }
     out = io.BytesIO()
     schemaless_writer(out, parsed_schema(SchemaId.PREDICTION_EVENT), record)
+    return frame(schema_id, out.getvalue())
+
+
+def encode_label(
+    row: tuple[str, str, Any, float | datetime, str],
+    *,
+    schema_id: int = SchemaId.LABEL_FEEDBACK,
+) -> bytes:
+    """Encode one ``label()`` row ``(model, event_id, label, label_time, version)``."""
+    model, event_id, label, t, version = row
+    seconds = t.timestamp() if isinstance(t, datetime) else float(t)
+    record = {
+        "event_id": event_id,
+        "event_time_ms": math.floor(seconds * 1000.0),
+        "model": model,
+        "model_version": version,
+        "label": _wire_value(label),
+    }
+    out = io.BytesIO()
+    schemaless_writer(out, parsed_schema(SchemaId.LABEL_FEEDBACK), record)
     return frame(schema_id, out.getvalue())
 
 

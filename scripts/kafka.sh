@@ -67,8 +67,10 @@ Commands:
         --security MODE plaintext (default): no authentication, no encryption.
                         sasl_ssl: one SASL_SSL listener, SCRAM-SHA-512 only; the client user
                            is \$KAFKA_SCRAM_USER (default 'modelpulse') with the password in
-                           \$KAFKA_SCRAM_PASSWORD (required; never printed). The brokers talk
-                           to each other on the same listener as a generated admin user.
+                           \$KAFKA_SCRAM_PASSWORD (required; never printed nor stored, but
+                           on the command line of the one-off format step: a test stack, not
+                           a production setup). The brokers talk to each other on the same
+                           listener as a generated admin user (password in the run dir).
                         mtls: one SSL listener with ssl.client.auth=required; clients need a
                            certificate signed by the CA in the TLS dir.
                         Remembered like the port. The controller listener stays PLAINTEXT on

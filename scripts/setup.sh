@@ -7,7 +7,7 @@
 #   3. scripts/kafka.sh install       (Kafka jars via Maven, cached in ~/.cache/modelpulse),
 #      scripts/registry.sh install    (Apicurio Registry via Maven, cached there too),
 #   4. scripts/prometheus.sh install  (Debian package, no service left running),
-#   5. kubeconform (Kubernetes manifest validator) from the Go module proxy.
+#   5. kubeconform and kustomize (Kubernetes manifests: validate, build) from the Go module proxy.
 # Takes a few seconds when everything is already there.
 set -euo pipefail
 
@@ -16,6 +16,8 @@ REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
 VENV="${REPO_ROOT}/.venv"
 STAMP="${VENV}/.modelpulse-install.sha256"
 MIN_JAVA=17
+KUBECONFORM_VERSION=v0.7.0
+KUSTOMIZE_VERSION=v5.7.1
 MIN_PY_MAJOR=3
 MIN_PY_MINOR=11
 
@@ -31,8 +33,8 @@ Idempotent installer for modelpulse (development, demo, CI). Steps:
   3. scripts/kafka.sh install        Kafka jars (Maven, cached under \${MODELPULSE_CACHE:-~/.cache/modelpulse})
      scripts/registry.sh install     Apicurio Registry (Maven, cached there too), for tests/test_registry.py
   4. scripts/prometheus.sh install   Prometheus (apt-get), no daemon left running
-  5. kubeconform \${KUBECONFORM_VERSION} (go install from the Go module proxy) into
-     \${MODELPULSE_CACHE:-~/.cache/modelpulse}/bin, for tests/test_k8s.py
+  5. kubeconform ${KUBECONFORM_VERSION} and kustomize ${KUSTOMIZE_VERSION} (go install from the
+     Go module proxy) into \${MODELPULSE_CACHE:-~/.cache/modelpulse}/bin, for tests/test_k8s.py
 
 Options:
   --no-venv, --no-kafka, --no-registry, --no-prometheus, --no-k8s   skip that step
@@ -246,36 +248,37 @@ setup_prometheus() {
   "${SCRIPT_DIR}/prometheus.sh" install | sed 's/^/setup: /'
 }
 
-KUBECONFORM_VERSION=v0.7.0
-
-setup_kubeconform() {
-  # Built from source by the go command (the module proxy is reachable where GitHub
-  # release downloads are not); the version stamp makes a rerun free.
-  local cache bin stamp
+go_tool() {
+  # go_tool NAME MODULE/CMD VERSION: built from source by the go command (the module proxy
+  # is reachable where GitHub release downloads are not); a version stamp makes reruns free.
+  local name="$1" pkg="$2" version="$3" cache bin stamp go log
   cache="${MODELPULSE_CACHE:-${HOME:-/tmp}/.cache/modelpulse}"
   bin="${cache}/bin"
-  stamp="${bin}/.kubeconform-version"
-  if [[ -x "${bin}/kubeconform" && "$(cat "${stamp}" 2>/dev/null)" == "${KUBECONFORM_VERSION}" ]]; then
-    say "kubeconform ${KUBECONFORM_VERSION} ok (${bin}/kubeconform)"
+  stamp="${bin}/.${name}-version"
+  if [[ -x "${bin}/${name}" && "$(cat "${stamp}" 2>/dev/null)" == "${version}" ]]; then
+    say "${name} ${version} ok (${bin}/${name})"
     return 0
   fi
-  local go
   go="$(command -v go || true)"
   [[ -n "${go}" || ! -x /usr/local/go/bin/go ]] || go=/usr/local/go/bin/go
   if [[ -z "${go}" ]]; then
-    apt_install golang-go || die "go is required to build kubeconform (Debian: apt-get install golang-go)"
+    apt_install golang-go || die "go is required to build ${name} (Debian: apt-get install golang-go)"
     go="$(command -v go)"
   fi
-  say "go install kubeconform ${KUBECONFORM_VERSION} ..."
+  say "go install ${name} ${version} ..."
   mkdir -p "${bin}"
-  local log="${bin}/kubeconform-install.log"
-  if ! GOBIN="${bin}" GOFLAGS=-buildvcs=false "${go}" install \
-    "github.com/yannh/kubeconform/cmd/kubeconform@${KUBECONFORM_VERSION}" >"${log}" 2>&1; then
+  log="${bin}/${name}-install.log"
+  if ! GOBIN="${bin}" GOFLAGS=-buildvcs=false "${go}" install "${pkg}@${version}" >"${log}" 2>&1; then
     tail -n 20 "${log}" >&2 || true
-    die "could not build kubeconform (full log: ${log})"
+    die "could not build ${name} (full log: ${log})"
   fi
-  printf '%s\n' "${KUBECONFORM_VERSION}" >"${stamp}"
-  say "kubeconform ${KUBECONFORM_VERSION} installed in ${bin}"
+  printf '%s\n' "${version}" >"${stamp}"
+  say "${name} ${version} installed in ${bin}"
+}
+
+setup_k8s_tools() {
+  go_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "${KUBECONFORM_VERSION}"
+  go_tool kustomize sigs.k8s.io/kustomize/kustomize/v5 "${KUSTOMIZE_VERSION}"
 }
 
 check_java
@@ -284,5 +287,5 @@ if ((DO_VENV)); then setup_venv; fi
 if ((DO_KAFKA)); then setup_kafka; fi
 if ((DO_REGISTRY)); then setup_registry; fi
 if ((DO_PROMETHEUS)); then setup_prometheus; fi
-if ((DO_K8S)); then setup_kubeconform; fi
+if ((DO_K8S)); then setup_k8s_tools; fi
 say "done in $(($(date +%s) - START_TS))s"

@@ -23,9 +23,11 @@ from shards import (
     wait_assigned,
     wait_until,
 )
+from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
+    brier_score_loss,
     f1_score,
     multilabel_confusion_matrix,
     precision_score,
@@ -218,9 +220,23 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
                 continue
             y_true = [e["label"] for e in scored]
             y_pred = [e["prediction"] for e in scored]
-            assert _gauge(samples, "model_accuracy", **labels) == pytest.approx(
-                accuracy_score(y_true, y_pred)
-            )
+            accuracy = accuracy_score(y_true, y_pred)
+            assert _gauge(samples, "model_accuracy", **labels) == pytest.approx(accuracy)
+            # Calibration and the label-free estimate (every classification row has a score).
+            ok_scores = [e["score"] for e in sel if e["outcome"] == "ok"]
+            estimated = _gauge(samples, "model_estimated_accuracy", **labels)
+            assert estimated == pytest.approx(np.mean(ok_scores), rel=1e-9)
+            gap = _gauge(samples, "model_accuracy_gap", **labels)
+            assert gap == pytest.approx(np.mean(ok_scores) - accuracy, abs=1e-9)
+            correct = np.array(y_true) == np.array(y_pred)
+            score = np.array([e["score"] for e in scored])
+            brier = _gauge(samples, "model_brier_score", **labels)
+            assert brier == pytest.approx(brier_score_loss(correct, score), rel=1e-9)
+            prob_true, prob_pred = calibration_curve(correct, score, n_bins=10)
+            n_b = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], score), minlength=10)
+            ece = np.sum(n_b[n_b > 0] / len(score) * np.abs(prob_true - prob_pred))
+            got_ece = _gauge(samples, "model_expected_calibration_error", **labels)
+            assert got_ece == pytest.approx(ece, rel=1e-9)
             present = sorted(set(y_true) | set(y_pred))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UndefinedMetricWarning)
@@ -271,11 +287,33 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
                         samples, "model_confusion_total", model=model, actual=a, predicted=p
                     )
                     assert got == want
+            cal = [e for e in labelled if e["score"] is not None]
+            bins = np.searchsorted(np.linspace(0, 1, 11)[1:-1], [e["score"] for e in cal])
+            for k in range(10):
+                for flag in ("true", "false"):
+                    want = sum(
+                        1
+                        for e, b in zip(cal, bins, strict=True)
+                        if b == k and (e["label"] == e["prediction"]) == (flag == "true")
+                    )
+                    got = total(
+                        samples,
+                        "model_calibration_total",
+                        model=model,
+                        bin=format((k + 1) / 10, "g"),
+                        correct=flag,
+                    )
+                    assert got == want, (model, k, flag)
         else:
             assert total(samples, "model_prediction_error_count", model=model) == len(labelled)
         # A drift reference exists (first full 5 s window) and yields finite scores.
-        drift = [v for lab, v in samples.get("model_drift_score", []) if lab["model"] == model]
-        assert drift and all(math.isfinite(v) and v >= 0 for v in drift)
+        drift = [
+            (lab["method"], v)
+            for lab, v in samples.get("model_drift_score", [])
+            if lab["model"] == model
+        ]
+        assert drift and all(math.isfinite(v) and v >= 0 for _, v in drift)
+        assert {m for m, _ in drift} == {"psi", "js", "ks", "wasserstein"}
 
     # Late events went to the dead-letter topic with their reason and origin.
     dlq = consume_all(kafka_bootstrap, f"{topic}-dlq", expected=None, timeout=20)

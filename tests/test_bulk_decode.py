@@ -22,9 +22,15 @@ from fastavro import parse_schema, schemaless_writer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.bulk_decode import EventDecoder, EventDecodeResult, decode_events_per_record
-from aggregator.decode import RowChunk, SchemaResolver
+from aggregator.bulk_decode import (
+    MIN_BULK,
+    EventDecoder,
+    EventDecodeResult,
+    decode_events_per_record,
+)
+from aggregator.decode import EventChunkBuilder, RowChunk, SchemaResolver
 from producer.encode import Row, encode_batch
+from schemas.registry import SchemaNotFound
 from schemas.wire import OUTCOMES, SchemaId, frame, parsed_schema, raw_schema
 
 EVENT = int(SchemaId.PREDICTION_EVENT)
@@ -44,7 +50,10 @@ class Registry:
         self.schemas = schemas
 
     def schema(self, schema_id: int) -> dict[str, Any]:
-        return self.schemas[schema_id]
+        try:
+            return self.schemas[schema_id]
+        except KeyError:
+            raise SchemaNotFound(f"no schema {schema_id}") from None
 
     def register(self, subject: str, schema: dict[str, Any]) -> int:
         raise AssertionError("the decoder never registers")
@@ -53,8 +62,13 @@ class Registry:
 def compare(values: list[bytes | None], resolver: SchemaResolver) -> EventDecodeResult:
     """Decode both ways, assert equality, return the bulk result."""
     offsets = np.arange(1000, 1000 + len(values), dtype=np.int64)
-    ref = decode_events_per_record(values, offsets, resolver)
-    got = EventDecoder(resolver).decode(values, offsets)
+    try:
+        ref = decode_events_per_record(values, offsets, resolver)
+    except ValueError:  # a corrupt id that names another kind, and decodes as one
+        with pytest.raises(ValueError, match="not a PredictionEvent"):
+            EventDecoder(resolver, min_bulk=0).decode(values, offsets)
+        return EventDecodeResult(EventChunkBuilder().build(), [], bulk=False)
+    got = EventDecoder(resolver, min_bulk=0).decode(values, offsets)
     assert rejects(got) == rejects(ref)
     assert_same_chunk(got.chunk, ref.chunk)
     return got
@@ -203,9 +217,8 @@ def evolved(draw: Any) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     return schema, added
 
 
-@SETTINGS
-@given(st.data())
-def test_evolved_writers(data: Any) -> None:
+def evolved_values(data: Any) -> tuple[list[bytes], SchemaResolver]:
+    """Values of an evolved writer (id 77), the current one (78) and a fixed-id one."""
     schema, added = data.draw(evolved())
     parsed = parse_schema(schema)
     names = {f["name"] for f in schema["fields"]}
@@ -224,8 +237,23 @@ def test_evolved_writers(data: Any) -> None:
     resolver = SchemaResolver(
         Registry({EVENT: raw_schema(EVENT), 77: schema, 78: raw_schema(EVENT)})
     )
-    got = compare(values, resolver)
-    assert got.bulk
+    return values, resolver
+
+
+@SETTINGS
+@given(st.data())
+def test_evolved_writers(data: Any) -> None:
+    values, resolver = evolved_values(data)
+    assert compare(values, resolver).bulk
+
+
+@SETTINGS
+@given(st.data(), st.integers(0, 2**32))
+def test_evolved_writers_corrupt(data: Any, seed: int) -> None:
+    """Corrupt added fields too (arrays, maps, unions, enums, fixed...): same split."""
+    values, resolver = evolved_values(data)
+    rnd = random.Random(seed)
+    compare([corrupt(v, rnd) if rnd.random() < 0.5 else v for v in values], resolver)
 
 
 def test_unsupported_writer_is_decoded_per_record() -> None:
@@ -293,12 +321,19 @@ def test_header_failures() -> None:
     assert reasons == ["truncated", "truncated", "bad_magic", "truncated", "unknown_schema",
                        "undecodable"]  # fmt: skip
     assert len(got.chunk) == 2
+    assert got.bulk  # the tombstone (None) did not send the batch per record
 
 
-def test_other_kinds_are_refused() -> None:
+def test_other_kinds() -> None:
+    """A message of another kind is the caller's error, unless it is rejected anyway."""
     row = Row("m", "v", 1.0, 0.1, 0, "a", 0.5, "b", None, None, "")
+    batch = encode_batch([row])
     with pytest.raises(ValueError, match="not a PredictionEvent"):
-        EventDecoder(SchemaResolver()).decode([encode_batch([row])], [0])
+        EventDecoder(SchemaResolver(), min_bulk=0).decode([batch], [0])
+    event = encode({"event_time_ms": 1, "model": "m", "latency_seconds": 0.1})
+    broken = frame(int(SchemaId.WATERMARK_MARKER), event[5:])  # trailing bytes as a marker
+    got = compare([event, broken, event], SchemaResolver())
+    assert [(i, e.reason) for i, e in got.rejected] == [(1, "undecodable")]
 
 
 def test_empty_batch() -> None:
@@ -396,8 +431,50 @@ def test_invalid_utf8_is_rejected_like_fastavro() -> None:
     assert got.bulk
 
 
+def test_small_batches_go_per_record() -> None:
+    """The fixed cost of a pass only pays from ``MIN_BULK`` messages on."""
+    record = {"event_time_ms": 1, "model": "m", "latency_seconds": 0.1, "prediction": "a"}
+    values = [encode(record)] * MIN_BULK
+    decoder = EventDecoder(SchemaResolver())
+    assert not decoder.decode(values[:-1], range(MIN_BULK - 1)).bulk
+    got = decoder.decode(values, range(MIN_BULK))
+    assert got.bulk
+    assert got.chunk.classes == ["a"]
+    with pytest.raises(ValueError, match="min_bulk"):
+        EventDecoder(SchemaResolver(), min_bulk=-1)
+
+
 def test_program_compiled_once() -> None:
     decoder = EventDecoder(SchemaResolver())
     program = decoder.program(EVENT)
     assert program is not None
     assert decoder.program(EVENT) is program
+
+
+def test_writer_branch_the_reader_lacks() -> None:
+    """A long prediction (promoted or refused by fastavro) goes per record; others stay bulk."""
+    schema = copy.deepcopy(raw_schema(EVENT))
+    for f in schema["fields"]:
+        if f["name"] == "prediction":
+            f["type"] = ["null", "string", "double", "long"]
+    parsed = parse_schema(schema)
+    base = {"event_time_ms": 1, "model": "m", "latency_seconds": 0.1}
+    values = [encode(base | {"prediction": p}, parsed, 5) for p in ["a", 2.5, None]]
+    resolver = SchemaResolver(Registry({5: schema}))
+    assert compare(values, resolver).bulk
+    compare(
+        [*values, encode(base | {"prediction": 7}, parsed, 5)],
+        SchemaResolver(Registry({5: schema})),
+    )
+
+
+def test_added_array_of_empty_records_is_left_to_fastavro() -> None:
+    """Zero-byte items put no bound on a block count: such writers are decoded per record."""
+    schema = copy.deepcopy(raw_schema(EVENT))
+    empty = {"type": "record", "name": "Nothing", "fields": []}
+    schema["fields"].append(
+        {"name": "pings", "type": {"type": "array", "items": empty}, "default": []}
+    )
+    record = {"event_time_ms": 1, "model": "m", "latency_seconds": 0.1, "pings": [{}, {}]}
+    got = compare([encode(record, parse_schema(schema), 6)], SchemaResolver(Registry({6: schema})))
+    assert not got.bulk

@@ -8,6 +8,7 @@ timestamp or watermark marker, and several shards stopping at once.
 from __future__ import annotations
 
 import io
+import os
 import random
 import signal
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 from fastavro import schemaless_reader, schemaless_writer
-from kafka_util import consume_all, create_topic, unique
+from kafka_util import consume_all, create_topic, kafka_script, start_local_cluster, unique
 from shards import (
     Samples,
     ShardProcess,
@@ -37,6 +38,8 @@ from producer.encode import Row, encode_batch, encode_event
 from schemas.wire import SchemaId, frame, parsed_schema
 
 T0_MS = 1_700_000_400_000  # in the past, aligned to panes
+STOP_CLUSTER = "edge-stop"
+STOP_PORT = int(os.environ.get("MODELPULSE_EDGE_STOP_PORT", "49792"))
 
 
 def _row(model: str, t_s: float) -> Row:
@@ -293,3 +296,39 @@ def test_a_dead_letter_the_broker_refuses_is_resent_as_headers_before_any_snapsh
     assert h["modelpulse.truncated"] == "true"
     assert h["modelpulse.original.size"] == "500000"
     assert (h["modelpulse.source.topic"], h["modelpulse.source.offset"]) == ("source", "7")
+
+
+def test_sigterm_exits_within_the_bound_when_the_broker_is_gone(
+    shard_factory: Callable[..., ShardProcess],
+) -> None:
+    """The worst case for a clean leave: the broker died (SIGKILL) just before SIGTERM,
+    so the final snapshot, the goodbye to the group and the last flush all wait for an
+    answer that never comes. Each has its own timeout: the shard still exits 0 within
+    the bound, and the next owner replays from the last acknowledged snapshot."""
+    kafka_script("clean", "--name", STOP_CLUSTER, "--kill")  # what an aborted run left
+    bootstrap = start_local_cluster(STOP_CLUSTER, STOP_PORT)
+    try:
+        topic = create_topic(bootstrap, unique("edge-gone"), 2)
+        shards = [shard_factory(bootstrap, topic) for _ in range(2)]
+        wait_assigned(shards, 2)
+        producer = Producer({"bootstrap.servers": bootstrap})
+        producer.produce(topic, encode_batch([_row("m", T0_MS / 1000)]), b"k")
+        assert producer.flush(30) == 0
+        kafka_script("stop-node", "--name", STOP_CLUSTER, "--node", "1", "--kill")
+        for s in shards:
+            assert s.proc is not None
+            s.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        for s in shards:
+            assert s.proc is not None
+            left = max(0.0, sent + EXIT_BOUND_S - time.monotonic())
+            try:
+                code = s.proc.wait(left)
+            except Exception as exc:
+                raise AssertionError(
+                    f"{s.log_path.name} still running {EXIT_BOUND_S} s after SIGTERM\n"
+                    f"{s.log_tail()}"
+                ) from exc
+            assert code == 0, s.log_tail()
+    finally:
+        kafka_script("clean", "--name", STOP_CLUSTER, "--kill")

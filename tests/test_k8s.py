@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +34,21 @@ def _manifests() -> list[Path]:
     return sorted(p for p in found if "schemas" not in p.parts and p.name != "kustomization.yaml")
 
 
-def _objects() -> Iterator[dict[str, Any]]:
-    for path in _manifests():
-        yield from _docs(path)
-
-
 def _one(kind: str) -> dict[str, Any]:
-    found = [o for o in _objects() if o["kind"] == kind]
+    """The one object of that kind in the base (examples/ left out)."""
+    found = [o for p in _manifests() if "examples" not in p.parts for o in _docs(p)]
+    found = [o for o in found if o["kind"] == kind]
     assert len(found) == 1, f"{len(found)} {kind} objects"
     return found[0]
 
 
-def _kubeconform() -> str:
+def _tool(name: str) -> str:
+    """kubeconform or kustomize: scripts/setup.sh builds them into the cache's bin/."""
     cache = Path(os.environ.get("MODELPULSE_CACHE", Path.home() / ".cache" / "modelpulse"))
-    found = shutil.which("kubeconform") or (
-        str(cache / "bin" / "kubeconform") if (cache / "bin" / "kubeconform").exists() else None
-    )
+    local = cache / "bin" / name
+    found = str(local) if local.exists() else shutil.which(name)
     if found is None:
-        reason = "kubeconform is not installed (scripts/setup.sh installs it)"
+        reason = f"{name} is not installed (scripts/setup.sh installs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)  # CI must validate, never skip
         print(f"SKIP: {reason}")
@@ -63,7 +59,7 @@ def _kubeconform() -> str:
 def _validate(*files: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
-            _kubeconform(),
+            _tool("kubeconform"),
             "-strict",
             "-summary",
             "-output",
@@ -90,6 +86,29 @@ def test_kubeconform_validates_every_manifest() -> None:
     want = sum(len(_docs(f)) for f in files)
     assert summary == {"valid": want, "invalid": 0, "errors": 0, "skipped": 0}, summary
     assert want >= 12
+
+
+def test_kustomize_build_output_is_valid(tmp_path: Path) -> None:
+    """What `kubectl apply -k deploy/k8s` would send: the base's objects plus its label."""
+    built = subprocess.run(
+        [_tool("kustomize"), "build", str(K8S)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    objects = [d for d in yaml.safe_load_all(built) if d]
+    base = [o for f in BASE_FILES + GENERATED for o in _docs(K8S / f)]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in base
+    )
+    for o in objects:
+        assert o["metadata"]["labels"]["app.kubernetes.io/version"] == "0.1.0"
+    out = tmp_path / "built.yaml"
+    out.write_text(built)
+    proc = _validate(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["summary"]["valid"] == len(objects)
 
 
 @pytest.mark.parametrize(

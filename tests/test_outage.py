@@ -36,7 +36,7 @@ def _publish_for(pub: PredictionPublisher, seconds: float, rate: int) -> tuple[i
         t = time.perf_counter()
         ok = pub.publish("svc-model", "v1", 0.01, prediction="a", score=0.5)
         calls.append(time.perf_counter() - t)
-        accepted += ok
+        accepted += bool(ok)  # publish() returns the event id, "" when dropped
         i += 1
         next_at = start + i / rate
         delay = next_at - time.monotonic()

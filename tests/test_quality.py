@@ -29,11 +29,15 @@ from sklearn.metrics import (
 from aggregator import quality
 from aggregator.quality import (
     ClassificationMetrics,
+    calibration_errors,
     classification_metrics,
+    estimated_accuracy,
     histogram_quantiles,
     jensen_shannon_distance,
+    kolmogorov_smirnov_statistic,
     population_stability_index,
     regression_metrics,
+    wasserstein_distance,
 )
 
 NAN = math.nan
@@ -42,11 +46,15 @@ NAN = math.nan
 def test_public_names_are_pinned() -> None:
     assert set(quality.__all__) == {
         "ClassificationMetrics",
+        "calibration_errors",
         "classification_metrics",
+        "estimated_accuracy",
         "histogram_quantiles",
         "jensen_shannon_distance",
+        "kolmogorov_smirnov_statistic",
         "population_stability_index",
         "regression_metrics",
+        "wasserstein_distance",
     }
 
 
@@ -465,7 +473,12 @@ def test_psi_hand_computed() -> None:
 def test_drift_is_vectorised_and_nan_where_either_side_is_empty() -> None:
     ref = np.array([[[10, 0, 5], [0, 0, 0]], [[1, 2, 3], [4, 4, 4]]])
     cur = np.array([[[0, 0, 0], [1, 1, 1]], [[3, 2, 1], [4, 4, 4]]])
-    for metric in (population_stability_index, jensen_shannon_distance):
+    for metric in (
+        population_stability_index,
+        jensen_shannon_distance,
+        kolmogorov_smirnov_statistic,
+        lambda r, c: wasserstein_distance(r, c, [0.0, 1.0, 3.0]),
+    ):
         got = metric(ref, cur)
         assert got.shape == (2, 2)
         assert np.isnan(got[0]).all()
@@ -479,3 +492,126 @@ def test_drift_arguments_are_checked() -> None:
         jensen_shannon_distance([1, 2], [1, 2, 3])
     with pytest.raises(ValueError, match="epsilon"):
         population_stability_index([1, 2], [1, 2], epsilon=0.0)
+    with pytest.raises(ValueError, match="centers"):
+        wasserstein_distance([1, 2], [1, 2], [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="centers"):
+        wasserstein_distance([1, 2], [1, 2], [1.0, 0.0])
+    with pytest.raises(ValueError, match="counts"):
+        calibration_errors([[1, 2]], [1.0, 2.0], 0.0)
+
+
+# --- binned KS and Wasserstein-1 (oracles: scipy on the same binned data) ----------
+
+_centers = _bins.flatmap(
+    lambda k: st.lists(st.floats(-1e3, 1e3), min_size=k, max_size=k).map(sorted)
+)
+
+
+@given(_histogram, _histogram, _centers)
+def test_wasserstein_matches_scipy_on_the_same_bins(
+    ref: list[int], cur: list[int], centers: list[float]
+) -> None:
+    """W1 of the binned distributions (mass at bin centres) is scipy's, weights = counts."""
+    stats = pytest.importorskip("scipy.stats")
+    want = stats.wasserstein_distance(centers, centers, u_weights=ref, v_weights=cur)
+    assert wasserstein_distance(ref, cur, centers) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+def _scipy_binned_ks(ref: list[int], cur: list[int]) -> float:
+    """max |CDF difference| of the two binned distributions, through scipy's rv_histogram.
+
+    Bin i is [i, i + 1); evaluating each histogram's CDF at the upper edges gives the
+    cumulative share of every bin, so the sup over the real line is the max over edges.
+    """
+    stats = pytest.importorskip("scipy.stats")
+    edges = np.arange(len(ref) + 1, dtype=np.float64)
+    f_ref = stats.rv_histogram((np.asarray(ref, float), edges), density=False).cdf(edges)
+    f_cur = stats.rv_histogram((np.asarray(cur, float), edges), density=False).cdf(edges)
+    return float(np.max(np.abs(f_ref - f_cur)))
+
+
+@given(_histogram, _histogram)
+def test_ks_matches_the_cdfs_of_the_same_bins(ref: list[int], cur: list[int]) -> None:
+    want = _scipy_binned_ks(ref, cur)
+    assert kolmogorov_smirnov_statistic(ref, cur) == pytest.approx(want, abs=1e-9)
+    # The cumulative-sum form, independent of scipy.
+    cdf = np.cumsum(cur) / sum(cur) - np.cumsum(ref) / sum(ref)
+    assert kolmogorov_smirnov_statistic(ref, cur) == pytest.approx(np.abs(cdf).max(), abs=1e-12)
+
+
+def test_binned_ks_equals_ks_2samp_when_each_bin_holds_one_value() -> None:
+    """With every sample value on its own bin, the binned KS is the raw two-sample KS."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 20, 300), rng.integers(3, 25, 200)
+    ref, cur = np.bincount(a, minlength=25), np.bincount(b, minlength=25)
+    want = stats.ks_2samp(a, b).statistic
+    assert kolmogorov_smirnov_statistic(ref, cur) == pytest.approx(want, abs=1e-12)
+    assert wasserstein_distance(ref, cur, np.arange(25.0)) == pytest.approx(
+        stats.wasserstein_distance(a, b), abs=1e-12
+    )
+
+
+@given(_histogram, _histogram)
+def test_ks_and_wasserstein_are_symmetric_and_zero_on_the_same_shape(
+    ref: list[int], cur: list[int]
+) -> None:
+    centers = np.arange(len(ref), dtype=np.float64) * 0.25
+    ks = kolmogorov_smirnov_statistic(ref, cur)
+    w1 = wasserstein_distance(ref, cur, centers)
+    assert 0.0 <= ks <= 1.0 and w1 >= 0.0
+    assert ks == pytest.approx(kolmogorov_smirnov_statistic(cur, ref), abs=1e-12)
+    assert w1 == pytest.approx(wasserstein_distance(cur, ref, centers), abs=1e-12)
+    scaled = [5 * h for h in ref]
+    assert kolmogorov_smirnov_statistic(ref, scaled) == pytest.approx(0.0, abs=1e-12)
+    assert wasserstein_distance(ref, scaled, centers) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- calibration (oracles: scikit-learn) -------------------------------------------
+
+
+@settings(max_examples=50)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 400))
+def test_calibration_matches_sklearn(seed: int, n: int) -> None:
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(seed)
+    score = rng.random(n)
+    score[: n // 10] = np.round(score[: n // 10], 1)  # values on the bin edges too
+    correct = (rng.random(n) < score ** rng.uniform(0.5, 2)).astype(np.int64)
+    edges = np.linspace(0.0, 1.0, 11)
+    b = np.searchsorted(edges[1:-1], score)  # the reliability bins of the state
+    counts = np.zeros((10, 2), dtype=np.int64)
+    np.add.at(counts, (b, correct), 1)
+    sums = np.bincount(b, weights=score, minlength=10)
+    ece, brier = calibration_errors(counts, sums, float(np.sum((score - correct) ** 2)))
+
+    if len(set(correct.tolist())) == 2:  # sklearn needs both classes present
+        prob_true, prob_pred = calibration_curve(correct, score, n_bins=10)
+        n_b = np.bincount(b, minlength=10)
+        weights = n_b[n_b > 0] / n
+        want = float(np.sum(weights * np.abs(prob_true - prob_pred)))
+        assert ece == pytest.approx(want, abs=1e-9)
+        assert counts[:, 1][n_b > 0] / n_b[n_b > 0] == pytest.approx(prob_true, abs=1e-12)
+    assert brier == pytest.approx(brier_score_loss(correct, score), abs=1e-9)
+    want_ece = sum(
+        (b == k).sum() / n * abs(correct[b == k].mean() - score[b == k].mean())
+        for k in range(10)
+        if (b == k).any()
+    )
+    assert ece == pytest.approx(want_ece, abs=1e-9)
+    assert estimated_accuracy(score.sum(), n) == pytest.approx(score.mean(), abs=1e-12)
+
+
+def test_calibration_is_vectorised_and_nan_without_labels() -> None:
+    counts = np.zeros((2, 3, 10, 2), dtype=np.int64)
+    counts[1, 2, 9, 1] = 4  # four correct predictions at score 0.95
+    sums = np.zeros((2, 3, 10))
+    sums[1, 2, 9] = 3.8
+    brier = np.zeros((2, 3))
+    brier[1, 2] = 4 * 0.05**2
+    ece, b = calibration_errors(counts, sums, brier)
+    assert ece.shape == b.shape == (2, 3)
+    assert np.isnan(ece[0]).all() and np.isnan(b[0]).all()
+    assert ece[1, 2] == pytest.approx(0.05) and b[1, 2] == pytest.approx(0.0025)

@@ -27,8 +27,8 @@ from shards import ROOT, ShardProcess, free_port, parse_metrics, shard_args, tot
 
 from producer import PredictionPublisher, PublisherSettings
 
-SASL_PORT = int(os.environ.get("MODELPULSE_TEST_SASL_PORT", "39192"))
-MTLS_PORT = int(os.environ.get("MODELPULSE_TEST_MTLS_PORT", "39292"))
+SASL_PORT = int(os.environ.get("MODELPULSE_TEST_SASL_PORT", "48192"))
+MTLS_PORT = int(os.environ.get("MODELPULSE_TEST_MTLS_PORT", "48292"))
 USER = "modelpulse-test"
 EVENTS = 300
 
@@ -259,6 +259,14 @@ def test_secrets_stay_out_of_help_repr_and_errors(sasl: Secured) -> None:
     with pytest.raises(ValueError, match="http_port") as exc:
         AggregatorSettings(**sasl.client(http_port=-1))
     _assert_no_secret(sasl.password, str(exc.value))
+
+
+def test_broker_files_hold_no_client_password(sasl: Secured) -> None:
+    run = Path(os.environ.get("MODELPULSE_RUN_DIR", ROOT / ".run")) / f"kafka-{sasl.name}"
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.name == "server.log" for p in files)
+    for path in files:
+        assert sasl.password.encode() not in path.read_bytes(), path
 
 
 def test_cluster_start_refuses_a_missing_scram_password(tmp_path: Path) -> None:

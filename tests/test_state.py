@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import itertools
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from aggregator.decode import Marker, RowChunk, SchemaResolver, decode_batch
 from aggregator.errors import ConfigMismatch
 from aggregator.metrics import build_families
 from aggregator.quality import jensen_shannon_distance
-from aggregator.state import PartitionState, StateConfig, load_reference_file
+from aggregator.state import STATE_FORMAT, PartitionState, StateConfig, load_reference_file
 from aggregator.window import NO_TIME, closed_panes, late_mask, pane_index
 from producer.encode import Row, encode_batch
 
@@ -124,8 +128,10 @@ def _same(a: PartitionState, b: PartitionState) -> None:
     assert (a.max_event_ms, a.closed) == (b.max_event_ms, b.closed)
     for w in CONFIG.windows_ms:
         wa, wb = a.window(w), b.window(w)
-        for field in ("outcome", "lat", "conf", "err", "feat"):
+        for field in ("outcome", "lat", "conf", "err", "feat", "cal", "est"):
             np.testing.assert_array_equal(getattr(wa, field), getattr(wb, field), err_msg=field)
+        for field in ("cal_score", "brier", "est_sum"):
+            np.testing.assert_allclose(getattr(wa, field), getattr(wb, field), rtol=1e-12)
 
 
 CHUNKS = _messages(_events(3, 1500), 40)
@@ -228,3 +234,47 @@ def test_reference_file_sets_drift_baseline(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"models": {"a": {"scores": []}}}))
     with pytest.raises(ValueError, match="unknown keys"):
         load_reference_file(str(bad))
+
+
+def _old_format_snapshot(
+    state: PartitionState, drop: tuple[str, ...]
+) -> tuple[bytes, dict[str, Any]]:
+    """``state``'s snapshot as the code before the calibration arrays wrote it: without
+    ``drop`` and with the digest of that code (no ``state_format`` field)."""
+    data = state.to_bytes()
+    size = int.from_bytes(data[:4], "big")
+    meta = json.loads(data[4 : 4 + size])
+    with np.load(io.BytesIO(zlib.decompress(data[4 + size :]))) as z:
+        arrays = {k: z[k] for k in z.files if k.split(".", 1)[-1] not in drop}
+    fields = dataclasses.asdict(state.config)
+    for name in ("reference_samples", "max_name_length", "max_rows_per_envelope"):
+        fields.pop(name)
+    doc = json.dumps(fields, sort_keys=True, default=list)
+    meta["config"] = hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+    def pack(meta: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        head = json.dumps(meta).encode()
+        return len(head).to_bytes(4, "big") + head + zlib.compress(buf.getvalue(), 1)
+
+    return pack(meta), {"pack": pack, "meta": meta}
+
+
+def test_a_snapshot_without_the_calibration_arrays_takes_the_config_changed_path() -> None:
+    """An upgrade that adds measures refuses old snapshots (ConfigMismatch, --rebuild-state)
+    instead of failing on a missing array; so does a same-digest snapshot that lacks one."""
+    state = _run(CHUNKS, [])
+    assert STATE_FORMAT >= 2
+    new = ("cal", "cal_score", "brier", "est", "est_sum")
+    old, parts = _old_format_snapshot(state, new)
+    assert parts["meta"]["config"] != CONFIG.digest()
+    with pytest.raises(ConfigMismatch, match="--rebuild-state"):
+        PartitionState.from_bytes(old, CONFIG)
+    same_digest = parts["pack"]({**parts["meta"], "config": CONFIG.digest()})
+    with pytest.raises(ConfigMismatch, match=r"lacks .*brier"):
+        PartitionState.from_bytes(same_digest, CONFIG)
+    # The current format round-trips, calibration arrays included.
+    restored = PartitionState.from_bytes(state.to_bytes(), CONFIG)
+    _same(state, restored)
+    assert int(restored.cum["cal"].sum()) > 0 and int(restored.cum["est"].sum()) > 0
