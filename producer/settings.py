@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["PublisherSettings"]
@@ -30,7 +30,11 @@ class PublisherSettings(BaseSettings):
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
     topic: str = Field("predictions", min_length=1, description="Topic of prediction events.")
-    feedback_topic: str = Field("prediction-feedback", min_length=1)
+    feedback_topic: str = Field(
+        "prediction-feedback",
+        min_length=1,
+        description="Topic of label() records; give it as many partitions as the topic.",
+    )
     mode: Literal["batch", "event"] = Field(
         "batch",
         description="batch: columnar envelopes (fast path); event: one Confluent-framed "
@@ -84,6 +88,13 @@ class PublisherSettings(BaseSettings):
         if not value.strip():
             raise ValueError("must name at least one host:port")
         return value
+
+    @model_validator(mode="after")
+    def _feedback_apart(self) -> PublisherSettings:
+        # The join reads labels from their own topic, partition for partition.
+        if self.feedback_topic == self.topic:
+            raise ValueError(f"feedback_topic: must differ from topic ({self.topic!r})")
+        return self
 
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka's dotted config for the producer."""

@@ -257,3 +257,62 @@ def test_binned_ks_and_wasserstein_equal_scipy(
             }
             assert methods == {"psi", "js"}
     assert checked == 6
+
+
+def test_the_series_estimate_bounds_a_model_version_with_every_measure() -> None:
+    """settings' worst case per model version (which sizes the model-version cap) is not
+    below the lines a model version with every class, feature, segment, score bin,
+    drift method and calibration measure really exports."""
+    from aggregator.settings import AggregatorSettings
+
+    s = AggregatorSettings(
+        pane="1s",
+        windows="5s,10s",
+        lateness="2s",
+        drift_reference="5s",
+        max_classes=3,
+        max_features=2,
+        max_segments=2,
+    )
+    config = s.state_config()
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(4000):
+        t = (T0 + i * 5) / 1000
+        outcome = [0, 0, 0, 1, 2, 3][i % 6]
+        feats = {"f1": float(rng.normal()), "f2": float(rng.normal())}
+        seg = ["s1", "s2"][i % 2]
+        pred, label = ["a", "b"][i % 2], ["a", "b"][(i // 2) % 2]
+        score = float(rng.random())
+        rows.append(Row("c", "v1", t, 0.01 * (i % 9), outcome, pred, score, label, seg, feats, ""))
+        value = float(rng.normal(0, 20))
+        rows.append(
+            Row("r", "v1", t, 0.01 * (i % 9), outcome, value, score, value + 1, seg, feats, "")
+        )
+    resolver = SchemaResolver()
+    chunks: list[Any] = []
+    for k in range(0, len(rows), 100):  # one model per envelope, in time order
+        for model in ("c", "r"):
+            part = [r for r in rows[k : k + 100] if r.model == model]
+            chunks.append(decode_batch(resolver.read(encode_batch(part))[1], len(chunks)))
+    chunks.append(Marker(len(chunks), T0 + 20_000 + 2000))
+    state = PartitionState(config, 0)
+    n = len(chunks)
+    state.ingest(chunks, np.arange(n), np.full(n, 2 * T0), n)
+    assert state.has_reference[:2].all()
+    families = build_families([state.view()], config)
+    drift = next(f for f in families if f.name == "model_drift_score")
+    assert {lab[-1] for lab in drift.label_values} == {"psi", "js", "ks", "wasserstein"}
+    lines: dict[str, int] = {}
+    for f in families:
+        if "model" not in f.label_names:
+            continue
+        at = f.label_names.index("model")
+        width = len(f.upper_bounds) + 3 if f.kind == "histogram" else 1
+        values = f.buckets if f.kind == "histogram" else f.values
+        assert values is not None
+        for labels, row in zip(f.label_values, values, strict=True):
+            if not np.isnan(row).any():
+                lines[labels[at]] = lines.get(labels[at], 0) + width
+    budget = s._series_per_model_version(len(config.windows_ms))
+    assert 0 < max(lines.values()) <= budget, (lines, budget)

@@ -213,6 +213,11 @@ def test_bad_event_id_of_publish_names_the_field(offline: PredictionPublisher) -
     assert offline.stats().published == 0
 
 
+def test_feedback_topic_must_differ_from_the_topic() -> None:
+    with pytest.raises(ValueError, match="feedback_topic: must differ"):
+        PublisherSettings(topic="same", feedback_topic="same")
+
+
 def test_label_accepts_times_of_every_type(offline: PredictionPublisher) -> None:
     for when in (T0, int(T0), datetime.fromtimestamp(T0, UTC), None):
         assert offline.label("m", "e1", "yes", label_time=when)
