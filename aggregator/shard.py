@@ -30,6 +30,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
+from aggregator.bulk_decode import MIN_BULK, EventDecoder, decode_events_per_record
 from aggregator.decode import (
     EventChunkBuilder,
     Heartbeat,
@@ -194,6 +195,8 @@ class Shard:
         self.config = s.state_config()
         self.states: dict[int, PartitionState] = {}
         self.resolver = SchemaResolver(s.schema_registry())
+        self._events = EventDecoder(self.resolver)
+        self._event_ids: dict[int, bool] = {}  # schema id -> is a PredictionEvent schema
         self.health = ShardHealth(up_since=time.time())
         self.server = MetricsServer(s.http_host, s.http_port)
         self._stop = threading.Event()
@@ -581,14 +584,47 @@ class Shard:
                     reason = REJECT_REASONS[int(result.reasons[idx])]
                     dead.append((by_offset[off], reason, f"{n} rows rejected", n))
 
-        for i, m in enumerate(msgs):
-            off = m.offset()
+        def note(i: int, m: Message) -> int:
+            off: int = m.offset()
             offsets[i] = off
             _kind, ts = m.timestamp()
             stamps[i] = min(ts, ingest_ms) if ts >= 0 else ingest_ms
             by_offset[off] = m
+            return off
+
+        values = [m.value() for m in msgs]
+        kinds = self._event_runs(values)
+        n = len(msgs)
+        i = 0
+        while i < n:
+            run = kinds[i]
+            if run:
+                # A run of per-event messages long enough for the bulk decoder: one
+                # numpy pass instead of one fastavro call per message.
+                j = i + run
+                for k in range(i, j):
+                    note(k, msgs[k])
+                if len(builder):
+                    items.append(builder.build())
+                try:
+                    result = self._events.decode(values[i:j], offsets[i:j])
+                except ValueError:  # not all events after all: the per-message path
+                    result = decode_events_per_record(values[i:j], offsets[i:j], self.resolver)
+                if len(result.chunk):
+                    items.append(result.chunk)
+                    rows += len(result.chunk)
+                for k, exc in result.rejected:
+                    state.count_rejected(exc.reason)
+                    dead.append((msgs[i + k], exc.reason, exc.detail, 1))
+                i = j
+                if rows >= _ROWS_PER_INGEST:
+                    flush(j)
+                    rows = 0
+                continue
+            m = msgs[i]
+            off = note(i, m)
             try:
-                kind, rec = read(m.value())
+                kind, rec = read(values[i])
                 if kind == SchemaId.PREDICTION_EVENT:
                     try:
                         builder.add(rec, off)
@@ -622,12 +658,50 @@ class Shard:
             except DecodeError as exc:
                 state.count_rejected(exc.reason)
                 dead.append((m, exc.reason, exc.detail, 1))
+            i += 1
             if rows >= _ROWS_PER_INGEST:
-                flush(i + 1)
+                flush(i)
                 rows = 0
         flush(len(msgs))
         for m, reason, detail, n in dead:
             self._dead_letter(m, reason, detail, n)
+
+    def _event_runs(self, values: list[bytes | None]) -> list[int]:
+        """For each message that starts a run of at least ``MIN_BULK`` consecutive
+        ``PredictionEvent`` messages, the run's length; 0 elsewhere.
+
+        Only the 5-byte header is read; an id that does not resolve ends a run (the
+        per-message path rejects it with its reason, as always).
+        """
+        n = len(values)
+        out = [0] * n
+        if n < MIN_BULK:
+            return out
+        event_ids = self._event_ids
+        start = -1
+        for i, v in enumerate(values):
+            is_event = False
+            if v is not None and len(v) >= 5 and v[0] == 0:
+                sid = int.from_bytes(v[1:5], "big")
+                known = event_ids.get(sid)
+                if known is None:
+                    try:
+                        known = self.resolver.resolve(sid)[0] == SchemaId.PREDICTION_EVENT
+                    except DecodeError:
+                        known = False  # not cached: it may resolve later
+                    else:
+                        event_ids[sid] = known
+                is_event = known
+            if is_event:
+                if start < 0:
+                    start = i
+            elif start >= 0:
+                if i - start >= MIN_BULK:
+                    out[start] = i - start
+                start = -1
+        if start >= 0 and n - start >= MIN_BULK:
+            out[start] = n - start
+        return out
 
     def _dead_letter(
         self,
