@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from aggregator.errors import AggregatorError
 from aggregator.settings import AggregatorSettings
-from aggregator.webconfig import WebConfigError, load_web_config
+from aggregator.webconfig import WebConfigError
 
 __all__ = ["main", "parse_settings"]
 
@@ -80,14 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aggregator.shard import Shard  # noqa: PLC0415 - keep --help fast
 
     try:
-        web_config = load_web_config(settings.web_config_file) if settings.web_config_file else None
-    except WebConfigError as exc:
-        logging.getLogger("modelpulse.aggregator").error("--web-config-file: %s", exc)
-        return 2
-    try:
-        shard = Shard(settings)
-        if web_config is not None:
-            shard.server.use_web_config(web_config)
+        shard = Shard(settings)  # loads --web-config-file, so a bad one stops here
 
         def _stop(signum: int, _frame: Any) -> None:
             logging.getLogger("modelpulse.aggregator").info("signal %d: stopping", signum)
@@ -101,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # down would wait for librdkafka: exit now, within the promised bound.
             logging.shutdown()
             os._exit(0)
+    except WebConfigError as exc:
+        logging.getLogger("modelpulse.aggregator").error("--web-config-file: %s", exc)
+        return 2
     except AggregatorError as exc:
         logging.getLogger("modelpulse.aggregator").error("%s", exc)
         return 1

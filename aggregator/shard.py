@@ -45,6 +45,7 @@ from aggregator.metrics import ShardHealth, build_families
 from aggregator.server import MetricsServer
 from aggregator.settings import AggregatorSettings
 from aggregator.state import REJECT_REASONS, PartitionState, StateView
+from aggregator.webconfig import load_web_config
 from schemas.registry import RegistryError
 from schemas.wire import SchemaId, frame, parsed_schema
 
@@ -199,6 +200,8 @@ class Shard:
         self._event_ids: dict[int, bool] = {}  # schema id -> is a PredictionEvent schema
         self.health = ShardHealth(up_since=time.time())
         self.server = MetricsServer(s.http_host, s.http_port)
+        if s.web_config_file:  # TLS and basic auth whoever builds the shard
+            self.server.use_web_config(load_web_config(s.web_config_file))
         self._stop = threading.Event()
         self._renderer = _Renderer(self)
         self._snapshotted: dict[int, tuple[int, float]] = {}  # partition -> (version, time)
