@@ -50,6 +50,7 @@ from aggregator.state import (
     CALIBRATION_BINS,
     DRIFT_CENTERS,
     REJECT_REASONS,
+    SEGMENT_ROLES,
     StateConfig,
     StateView,
     WindowAggregate,
@@ -483,6 +484,7 @@ def _model_rows(v: StateView, config: StateConfig, owners: np.ndarray, cols: _Co
     cols.extend("model_confusion", cells, conf[i, a, pc], owners[i])
     cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
     cols.extend("inference_segment_predictions", cells, cum["seg"][i, g], owners[i])
+    _segment_rows(v, mvl, regression, owners, cols)
     # Both halves of a reliability bin that has any labelled row, so a ratio never lacks one.
     cal = cum["cal"] * ~regression[:, None, None]
     i, b = np.nonzero(cal.sum(axis=-1) > 0)
@@ -498,6 +500,36 @@ def _model_rows(v: StateView, config: StateConfig, owners: np.ndarray, cols: _Co
     not_macro = np.array([[n != MACRO for n in names] for names in classes], dtype=bool)
     for w in v.windows:
         _window_rows(v, w, config, mvl, regression, not_macro, owners, cols)
+
+
+def _segment_rows(
+    v: StateView,
+    mvl: Sequence[tuple[str, ...]],
+    regression: np.ndarray,
+    owners: np.ndarray,
+    cols: _Columns,
+) -> None:
+    """Quality counters per segment (closed panes): windows are ``increase()`` of them."""
+    cum = v.cum
+    segments = [e[6] for e in v.entries]
+    classes = [e[4] for e in v.entries]
+    labelled = cum["seg_lab"] > 0
+    cells, (i, g) = _cells(mvl, segments, labelled)
+    cols.extend("model_segment_labeled_predictions", cells, cum["seg_lab"][i, g], owners[i])
+    reg = labelled & regression[:, None]
+    cells, (i, g) = _cells(mvl, segments, reg)
+    cols.extend("model_segment_absolute_error", cells, cum["seg_abs"][i, g], owners[i])
+    cols.extend("model_segment_squared_error", cells, cum["seg_sq"][i, g], owners[i])
+    # All three roles of every class seen in the segment (as label or prediction), so
+    # a ratio never lacks a term: a class seen but never right there has correct = 0.
+    counts = cum["seg_cls"] * ~regression[:, None, None, None]
+    i, g, c = np.nonzero(counts.sum(axis=2) > 0)
+    labels = [
+        (*mvl[j], segments[j][a], classes[j][b])
+        for j, a, b in zip(i.tolist(), g.tolist(), c.tolist(), strict=True)
+    ]
+    for role, name in enumerate(SEGMENT_ROLES):
+        cols.extend(f"model_segment_{name}", labels, counts[i, g, role, c], owners[i])
 
 
 def _partition_rows(v: StateView, config: StateConfig, cols: _Columns) -> None:
@@ -686,6 +718,42 @@ _SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "inference_segment_predictions",
         "counter",
         "Predictions by segment, closed panes.",
+        (*_MV, "segment"),
+    ),
+    (
+        "model_segment_labeled_predictions",
+        "counter",
+        "Labelled ok predictions per segment (classes, or values for regression), closed panes.",
+        (*_MV, "segment"),
+    ),
+    (
+        "model_segment_actual",
+        "counter",
+        "Labelled ok classifications per segment whose label is the class.",
+        (*_MV, "segment", "class"),
+    ),
+    (
+        "model_segment_predicted",
+        "counter",
+        "Labelled ok classifications per segment predicted as the class.",
+        (*_MV, "segment", "class"),
+    ),
+    (
+        "model_segment_correct",
+        "counter",
+        "Labelled ok classifications per segment with label and prediction the class.",
+        (*_MV, "segment", "class"),
+    ),
+    (
+        "model_segment_absolute_error",
+        "counter",
+        "Sum of |prediction - label| per segment (regression), closed panes.",
+        (*_MV, "segment"),
+    ),
+    (
+        "model_segment_squared_error",
+        "counter",
+        "Sum of (prediction - label)^2 per segment (regression), closed panes.",
         (*_MV, "segment"),
     ),
     (

@@ -16,7 +16,9 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "ClassificationMetrics",
+    "SegmentMetrics",
     "calibration_errors",
+    "class_count_metrics",
     "classification_metrics",
     "estimated_accuracy",
     "histogram_quantiles",
@@ -120,6 +122,46 @@ def classification_metrics(confusion: ArrayLike) -> ClassificationMetrics:
         macro_f1=macro_zero(f1),
         macro_false_positive_rate=macro_skip(fpr),
         macro_false_negative_rate=macro_skip(fnr),
+    )
+
+
+class SegmentMetrics(NamedTuple):
+    """Quality from per-class counts (see ``class_count_metrics``); NaN where undefined."""
+
+    accuracy: _F8
+    precision: _F8
+    recall: _F8
+    f1: _F8
+
+
+def class_count_metrics(
+    actual: ArrayLike, predicted: ArrayLike, correct: ArrayLike
+) -> SegmentMetrics:
+    """Accuracy and one-vs-rest precision/recall/F1 from three per-class counts.
+
+    ``actual[..., c]`` counts labelled rows of class c, ``predicted[..., c]`` rows
+    predicted as c, ``correct[..., c]`` rows both (the diagonal of the confusion
+    matrix): the row sums, column sums and diagonal of ``classification_metrics``'
+    matrix, which is all these four measures need. So per segment only 3 x C counts
+    are kept and exported instead of C x C, and the recording rules compute the same
+    numbers from the counters (prometheus/rules/recording.yml).
+
+    >>> m = class_count_metrics([[2, 1]], [[1, 2]], [[1, 1]])
+    >>> m.accuracy.tolist(), m.precision.tolist(), m.f1.tolist()
+    ([0.6666666666666666], [[1.0, 0.5]], [[0.6666666666666666, 0.6666666666666666]])
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    tp = np.asarray(correct, dtype=np.float64)
+    if not a.shape == p.shape == tp.shape:
+        raise ValueError(
+            f"actual, predicted, correct: shapes {a.shape}, {p.shape}, {tp.shape} differ"
+        )
+    return SegmentMetrics(
+        accuracy=_ratio(tp.sum(axis=-1), a.sum(axis=-1)),
+        precision=_ratio(tp, p),
+        recall=_ratio(tp, a),
+        f1=_ratio(2 * tp, a + p),
     )
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aggregator.catalog import Limits
 from aggregator.state import CALIBRATION_BINS, StateConfig, load_reference_file
+from schemas.connection import KafkaConnection
 from schemas.registry import SchemaRegistry
 
 __all__ = ["AggregatorSettings", "parse_duration_ms"]
@@ -47,12 +48,14 @@ def _floats(text: str | list[float]) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-class AggregatorSettings(BaseSettings):
-    """Configuration of one aggregator shard; every field is also a ``--flag``."""
+class AggregatorSettings(KafkaConnection, BaseSettings):
+    """Configuration of one aggregator shard; every field is also a ``--flag``.
+
+    The connection fields (bootstrap, SASL, TLS, extra ``kafka`` settings) are those of
+    ``schemas.connection.KafkaConnection``, shared with the producer."""
 
     model_config = SettingsConfigDict(env_prefix="MODELPULSE_", extra="forbid")
 
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
     input_topic: str = Field("predictions", description="Topic of prediction events.")
     group_id: str = Field("modelpulse-aggregator", description="Consumer group of the shards.")
     state_topic: str = Field(
@@ -141,29 +144,10 @@ class AggregatorSettings(BaseSettings):
     schema_registry_ca_file: str | None = Field(
         None, description="PEM CA bundle that verifies an https registry."
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="Kafka security protocol."
-    )
-    sasl_mechanism: str | None = Field(None, description="e.g. SCRAM-SHA-512, PLAIN.")
-    sasl_username: str | None = Field(None, description="SASL user.")
-    sasl_password: SecretStr | None = Field(None, description="SASL password.")
-    ssl_ca_location: str | None = Field(
-        None, description="PEM CA bundle that verifies the brokers (SSL, SASL_SSL)."
-    )
-    ssl_certificate_location: str | None = Field(
-        None, description="PEM client certificate (mutual TLS)."
-    )
-    ssl_key_location: str | None = Field(None, description="PEM private key of the certificate.")
-    ssl_key_password: SecretStr | None = Field(
-        None, description="Password of an encrypted ssl_key_location."
-    )
     web_config_file: str | None = Field(
         None,
         description="exporter-toolkit web config (YAML: tls_server_config, basic_auth_users "
         "with bcrypt hashes) protecting /metrics, /healthz and /readyz.",
-    )
-    kafka: dict[str, Any] = Field(
-        default_factory=dict, description="Extra librdkafka settings (JSON), win over the above."
     )
 
     @field_validator(
@@ -259,7 +243,8 @@ class AggregatorSettings(BaseSettings):
             len(_floats(b)) + 3
             for b in (self.latency_buckets, self.score_buckets, self.error_buckets)
         )
-        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist + 2 * CALIBRATION_BINS
+        # ... + per segment: labelled rows and 3 counts a class (a regressor's 3 are fewer).
+        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist + 2 * CALIBRATION_BINS + s * (1 + 3 * c)
         # ... + ECE, Brier, estimated accuracy and its gap + drift: at most 4 methods
         # (psi, js, ks, wasserstein) x (score, prediction, each feature).
         per_window = 3 + 3 + 2 + 1 + 5 * (c + 1) + 4 + 4 * (f + 2)
@@ -267,26 +252,7 @@ class AggregatorSettings(BaseSettings):
 
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka settings shared by the shard's consumer and producer."""
-        config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "security.protocol": self.security_protocol,
-        }
-        if self.sasl_mechanism:
-            config["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username:
-            config["sasl.username"] = self.sasl_username
-        if self.sasl_password is not None:
-            config["sasl.password"] = self.sasl_password.get_secret_value()
-        for key, value in (
-            ("ssl.ca.location", self.ssl_ca_location),
-            ("ssl.certificate.location", self.ssl_certificate_location),
-            ("ssl.key.location", self.ssl_key_location),
-        ):
-            if value:
-                config[key] = value
-        if self.ssl_key_password is not None:
-            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
-        return config
+        return self.librdkafka_config()
 
     @property
     def snapshot_interval_seconds(self) -> float:

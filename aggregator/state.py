@@ -30,6 +30,7 @@ __all__ = [
     "DRIFT_BINS",
     "DRIFT_CENTERS",
     "REJECT_REASONS",
+    "SEGMENT_ROLES",
     "IngestResult",
     "PartitionState",
     "StateConfig",
@@ -52,8 +53,12 @@ CALIBRATION_BINS: Final = 10
 _CAL_EDGES: Final = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)[1:-1]
 # Which measures (pane arrays) a snapshot holds: part of the config digest, so a snapshot
 # taken before a measure was added is refused with ConfigMismatch (the config-changed
-# path) rather than half restored. Bump it whenever _PANE_ARRAYS or a tail changes.
-STATE_FORMAT: Final = 2
+# path) rather than half restored. Bump it whenever _PANE_ARRAYS, _OPEN_ARRAYS or a
+# tail changes.
+STATE_FORMAT: Final = 3
+# Per-segment quality counts, by role: rows whose label is the class (actual), whose
+# prediction is (predicted), and both (correct, a true positive of the class).
+SEGMENT_ROLES: Final = ("actual", "predicted", "correct")
 _DRIFT_WIDTH: Final = 2 * _DRIFT_RANGE / DRIFT_BINS  # 0.25 in asinh space
 # Centre of each drift bin in asinh space (the two end bins also hold everything beyond).
 DRIFT_CENTERS: Final = -_DRIFT_RANGE + (np.arange(DRIFT_BINS) + 0.5) * _DRIFT_WIDTH
@@ -358,7 +363,20 @@ class PartitionState:
         "est_sum",
     )
     _FLOAT_ARRAYS: Final = frozenset(
-        {"lat_sum", "score_sum", "err_sum", "abs_err", "sq_err", "cal_score", "brier", "est_sum"}
+        {
+            "lat_sum", "score_sum", "err_sum", "abs_err", "sq_err", "cal_score", "brier",
+            "est_sum", "seg_abs", "seg_sq",
+        }
+    )  # fmt: skip
+    # Quality per segment: kept only in ``cum`` and in a small ring of the panes still
+    # open (``open``), never in the window ring: per-pane copies for the longest window
+    # would cost max_segments x classes x ring per model version. Windows over them are
+    # Prometheus' ``increase()`` of the cumulative counters (docs/architecture.md).
+    _OPEN_ARRAYS: Final = (
+        "seg_cls",  # labelled ok classifications: segment x role (SEGMENT_ROLES) x class
+        "seg_lab",  # labelled ok rows (both classes, or both values): per segment
+        "seg_abs",  # regression: sum |prediction - label| per segment
+        "seg_sq",  # regression: sum (prediction - label)^2 per segment
     )
 
     def __init__(self, config: StateConfig, partition: int) -> None:
@@ -397,11 +415,22 @@ class PartitionState:
             "brier": (),
             "est": (),
             "est_sum": (),
+            "seg_cls": (lim.max_segments, len(SEGMENT_ROLES), lim.max_classes),
+            "seg_lab": (lim.max_segments,),
+            "seg_abs": (lim.max_segments,),
+            "seg_sq": (lim.max_segments,),
         }
         self._capacity = 0
         self.pane_of_slot = np.full(c.ring, NO_TIME, dtype=np.int64)
         self.slot_closed = np.ones(c.ring, dtype=bool)
+        # A pane takes an open slot when its first row arrives and frees it at close; a
+        # row's pane is at most ceil(lateness / pane) behind the newest (else it is late),
+        # so that many + 2 slots never hold two unclosed panes at once.
+        self.open_slots = -(-c.lateness_ms // c.pane_ms) + 2
+        self.pane_of_open = np.full(self.open_slots, NO_TIME, dtype=np.int64)
+        self.open_closed = np.ones(self.open_slots, dtype=bool)
         self.ring: dict[str, np.ndarray] = {}
+        self.open: dict[str, np.ndarray] = {}
         self.cum: dict[str, np.ndarray] = {}
         self.reference: dict[str, np.ndarray] = {}
         self.has_reference = np.zeros(0, dtype=bool)
@@ -427,6 +456,14 @@ class PartitionState:
                 ring[:, : self._capacity] = self.ring[name]
                 cum[: self._capacity] = self.cum[name]
             self.ring[name], self.cum[name] = ring, cum
+        for name in self._OPEN_ARRAYS:
+            tail = self._tails[name]
+            pending: np.ndarray = np.zeros((self.open_slots, cap, *tail), dtype=self._dtype(name))
+            cum = np.zeros((cap, *tail), dtype=self._dtype(name))
+            if name in self.open:
+                pending[:, : self._capacity] = self.open[name]
+                cum[: self._capacity] = self.cum[name]
+            self.open[name], self.cum[name] = pending, cum
         for name in ("score", "pred_class", "pred_hist", "feat"):
             ref = np.zeros((cap, *self._tails[name]), dtype=np.int64)
             if name in self.reference:
@@ -937,6 +974,28 @@ class PartitionState:
         seg = c["seg"][rows]
         has_seg = seg >= 0
         count("seg", um[has_seg] * nseg + seg[has_seg], nseg)
+        # Per segment (rows with a segment only, as "seg"): one bincount per array.
+        us = um * nseg + seg  # (pane, model-version, segment) cell; valid where has_seg
+        sb = both & has_seg
+        roles = len(SEGMENT_ROLES)
+        hit = sb & (label == pred)
+        cell = us * roles
+        count(
+            "seg_cls",
+            np.concatenate(
+                [
+                    (cell[sb] + 0) * ncls + label[sb],
+                    (cell[sb] + 1) * ncls + pred[sb],
+                    (cell[hit] + 2) * ncls + label[hit],
+                ]
+            ),
+            nseg * roles * ncls,
+        )
+        sr = reg & has_seg
+        seg_err = pv[sr] - lv[sr]
+        count("seg_lab", np.concatenate([us[sb], us[sr]]), nseg)
+        count("seg_abs", us[sr], nseg, np.abs(seg_err))
+        count("seg_sq", us[sr], nseg, seg_err * seg_err)
 
         # Features are in long form: (row in batch, feature id, value).
         nf = cfg.limits.max_features
@@ -969,6 +1028,17 @@ class PartitionState:
                 self.slot_closed[slot] = False
             for name in self._PANE_ARRAYS:
                 self.ring[name][slot] += tmp[name][i]
+            slot = k % self.open_slots
+            if self.pane_of_open[slot] != k:
+                self._close(closed_panes(k * cfg.pane_ms, cfg.lateness_ms, cfg.pane_ms))
+                if not self.open_closed[slot]:  # cannot happen: see open_slots
+                    raise AssertionError(f"open pane {self.pane_of_open[slot]} evicted by {k}")
+                for name in self._OPEN_ARRAYS:
+                    self.open[name][slot] = 0
+                self.pane_of_open[slot] = k
+                self.open_closed[slot] = False
+            for name in self._OPEN_ARRAYS:
+                self.open[name][slot] += tmp[name][i]
 
     def _close_slots(self, slots: np.ndarray) -> None:
         for name in self._PANE_ARRAYS:
@@ -981,6 +1051,11 @@ class PartitionState:
         pending = np.flatnonzero(~self.slot_closed & (self.pane_of_slot < new_closed))
         if pending.size:
             self._close_slots(pending)
+        done = np.flatnonzero(~self.open_closed & (self.pane_of_open < new_closed))
+        if done.size:
+            for name in self._OPEN_ARRAYS:
+                self.cum[name] += self.open[name][done].sum(axis=0)
+            self.open_closed[done] = True
         self.closed = new_closed
         self._take_references()
 
@@ -1127,9 +1202,14 @@ class PartitionState:
             "pane_of_slot": self.pane_of_slot,
             "slot_closed": self.slot_closed,
             "has_reference": self.has_reference[:m],
+            "pane_of_open": self.pane_of_open,
+            "open_closed": self.open_closed,
         }
         for name in self._PANE_ARRAYS:
             arrays["ring." + name] = self.ring[name][:, :m]
+            arrays["cum." + name] = self.cum[name][:m]
+        for name in self._OPEN_ARRAYS:
+            arrays["open." + name] = self.open[name][:, :m]
             arrays["cum." + name] = self.cum[name][:m]
         for name, arr in self.reference.items():
             arrays["ref." + name] = arr[:m]
@@ -1163,9 +1243,14 @@ class PartitionState:
         state._grow(max(m, 4))
         with np.load(io.BytesIO(zlib.decompress(data[4 + size :]))) as z:
             missing = sorted(
-                {"pane_of_slot", "slot_closed", "has_reference"}.union(
-                    f"{k}.{n}" for n in cls._PANE_ARRAYS for k in ("ring", "cum")
-                )
+                {
+                    "pane_of_slot",
+                    "slot_closed",
+                    "has_reference",
+                    "pane_of_open",
+                    "open_closed",
+                }.union(f"{k}.{n}" for n in cls._PANE_ARRAYS for k in ("ring", "cum"))
+                .union(f"{k}.{n}" for n in cls._OPEN_ARRAYS for k in ("open", "cum"))
                 .union(f"ref.{n}" for n in state.reference)
                 .difference(z.files)
             )
@@ -1179,6 +1264,11 @@ class PartitionState:
             state.has_reference[:m] = z["has_reference"]
             for name in cls._PANE_ARRAYS:
                 state.ring[name][:, :m] = z["ring." + name]
+                state.cum[name][:m] = z["cum." + name]
+            state.pane_of_open = z["pane_of_open"].copy()
+            state.open_closed = z["open_closed"].copy()
+            for name in cls._OPEN_ARRAYS:
+                state.open[name][:, :m] = z["open." + name]
                 state.cum[name][:m] = z["cum." + name]
             for name in state.reference:
                 state.reference[name][:m] = z["ref." + name]

@@ -1,12 +1,19 @@
 """Benchmark: cost of ``PredictionPublisher.publish()`` against a real broker.
 
-Three ways of recording N predictions, same inputs, same broker, same run:
+Ways of recording N predictions, same broker, same run:
 
-* ``batched``: ``PredictionPublisher`` in ``mode="batch"`` (columnar envelopes);
+* ``floor``: no broker: a Python function with ``publish()``'s signature that appends
+  one tuple to a deque; the least a Python ``publish()`` can cost;
+* ``batched``: ``PredictionPublisher`` in ``mode="batch"`` (columnar envelopes), one
+  model, the caller's view with the flusher running;
+* ``rotation3``: ``batched`` with three classifiers called in strict rotation (a
+  service serving several models);
 * ``event``: ``PredictionPublisher`` in ``mode="event"`` (one framed PredictionEvent
-  per prediction, encoded by the background flusher);
-* ``naive``: what tutorials do: per prediction, fastavro ``schemaless_writer`` of the
-  PredictionEvent schema into a BytesIO, the 5-byte Confluent header, then
+  per prediction, encoded by the background flusher), on the mixed inputs (three
+  classifiers and one regressor, in random order);
+* ``naive``: on the mixed inputs, what tutorials do: per prediction,
+  fastavro ``schemaless_writer`` of the PredictionEvent schema into a BytesIO, the
+  5-byte Confluent header, then
   ``Producer.produce()`` (with a delivery callback) and ``poll(0)``; same librdkafka
   settings as the publisher's (lz4, acks=all, idempotence, linger 5 ms);
 * ``publish_only`` (diagnostic): ``batched`` with the flusher held off until
@@ -34,6 +41,7 @@ import gc
 import io
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -45,23 +53,30 @@ from fastavro import schemaless_writer
 from producer import PredictionPublisher, PublisherSettings
 from schemas.wire import HEADER, MAGIC_BYTE, SchemaId, parsed_schema
 
-PATHS = ("batched", "event", "naive", "publish_only")
-GOAL_WALL_US = 1.0
-GOAL_RATIO = 5.0
+PATHS = ("floor", "batched", "rotation3", "event", "naive", "publish_only")
+# Goals of issue 11, as ratios within one run.
+GOAL_FLOOR_SHARE = 2.0  # batched wall <= 2x the floor
+GOAL_NAIVE_RATIO = 10.0  # naive wall >= 10x batched wall
+GOAL_ROTATION = 1.2  # rotation3 wall <= 1.2x batched wall
+GOAL_EVENT_CPU = 1.0  # event cpu <= naive cpu
 
 Inputs = list[tuple[str, str, float, Any, Any, Any, float]]
 
 
-def make_inputs(n: int, seed: int = 7) -> Inputs:
-    """N predictions of three classifiers and one regressor, as a service would send them."""
+MODELS: list[tuple[str, str, tuple[str, ...] | None]] = [
+    ("fraud", "v7", ("legit", "fraud")),
+    ("churn", "v3", ("stay", "leave")),
+    ("intent", "v1", ("buy", "browse", "support", "cancel")),
+    ("eta", "v2", None),
+]
+
+
+def make_inputs(n: int, seed: int = 7, *, models: int = 4, rotate: bool = False) -> Inputs:
+    """N predictions of the first ``models`` of MODELS (three classifiers and one
+    regressor), in random order, or in strict rotation with ``rotate``."""
     rng = np.random.default_rng(seed)
-    models = [
-        ("fraud", "v7", ("legit", "fraud")),
-        ("churn", "v3", ("stay", "leave")),
-        ("intent", "v1", ("buy", "browse", "support", "cancel")),
-        ("eta", "v2", None),
-    ]
-    which = rng.integers(0, len(models), n).tolist()
+    chosen = MODELS[:models]
+    which = [i % models for i in range(n)] if rotate else rng.integers(0, models, n).tolist()
     latency = rng.lognormal(-4.5, 0.6, n).tolist()
     score = rng.random(n).tolist()
     truth = rng.integers(0, 4, n).tolist()
@@ -72,7 +87,7 @@ def make_inputs(n: int, seed: int = 7) -> Inputs:
     now = time.time()
     rows: Inputs = []
     for i in range(n):
-        model, version, classes = models[which[i]]
+        model, version, classes = chosen[which[i]]
         t = now + i * 1e-5
         if classes is None:
             rows.append(
@@ -105,6 +120,47 @@ def _noop(
     event_time: Any = None,
 ) -> bool:
     return True
+
+
+def run_floor(inputs: Inputs) -> dict[str, float]:
+    """The bare-call floor: ``publish()``'s signature, one tuple appended to a deque."""
+    queue: deque[tuple[Any, ...]] = deque()
+    append = queue.append
+
+    def publish(
+        model: str,
+        version: str = "",
+        latency_seconds: float = 0.0,
+        *,
+        prediction: Any = None,
+        score: float | None = None,
+        label: Any = None,
+        outcome: str = "ok",
+        event_time: float | None = None,
+        event_id: str = "",
+        segment: str | None = None,
+        features: Any = None,
+    ) -> str:
+        append(
+            (model, version, event_time, latency_seconds, outcome, prediction, score, label,
+             segment, features, event_id)
+        )  # fmt: skip
+        return event_id
+
+    gc.collect()
+    cpu0 = time.process_time()
+    wall = _loop(publish, inputs)
+    cpu = time.process_time() - cpu0
+    n = len(inputs)
+    return {
+        "wall_us": wall / n * 1e6,
+        "cpu_us": cpu / n * 1e6,
+        "close_us": 0.0,
+        "sent": n,
+        "dropped": 0,
+        "failed": 0,
+        "queued": 0,
+    }
 
 
 def run_publisher(
@@ -240,29 +296,40 @@ def main(argv: list[str] | None = None) -> int:
 
     pinned = pin_to_core(args.cpu)
     rid = run_id()
-    topics = {p: create_topic(args.bootstrap, f"bench-producer-{p}-{rid}") for p in paths}
-    inputs = make_inputs(args.events)
+    topics = {
+        p: create_topic(args.bootstrap, f"bench-producer-{p}-{rid}") for p in paths if p != "floor"
+    }
+    mixed = make_inputs(args.events)
+    inputs = {
+        "floor": make_inputs(args.events, models=1),
+        "batched": make_inputs(args.events, models=1),
+        "rotation3": make_inputs(args.events, models=3, rotate=True),
+        "event": mixed,
+        "naive": mixed,
+        "publish_only": make_inputs(args.events, models=1),
+    }
     print(f"# bench_producer: {machine_line()}")
     print(
         f"# events={args.events} repeats={args.repeats} pinned={pinned} bootstrap={args.bootstrap}",
         flush=True,
     )
 
-    noop = [_loop(_noop, inputs) / len(inputs) * 1e6 for _ in range(3)]
+    noop = [_loop(_noop, mixed) / len(mixed) * 1e6 for _ in range(3)]
     results: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
     for r in range(args.repeats):  # paths interleaved, so drift hits them alike
         for p in paths:
-            if p == "naive":
-                res = run_naive(args.bootstrap, topics[p], inputs)
+            if p == "floor":
+                res = run_floor(inputs[p])
+            elif p == "naive":
+                res = run_naive(args.bootstrap, topics[p], inputs[p])
             elif p == "publish_only":
-                res = run_publisher(args.bootstrap, topics[p], "batch", inputs, park=True)
+                res = run_publisher(args.bootstrap, topics[p], "batch", inputs[p], park=True)
             else:
-                res = run_publisher(
-                    args.bootstrap, topics[p], "batch" if p == "batched" else "event", inputs
-                )
+                mode = "event" if p == "event" else "batch"
+                res = run_publisher(args.bootstrap, topics[p], mode, inputs[p])
             results[p].append(res)
             print(
-                f"  run {r + 1}/{args.repeats} {p:8s} wall {res['wall_us']:.3f} us/call  "
+                f"  run {r + 1}/{args.repeats} {p:12s} wall {res['wall_us']:.3f} us/call  "
                 f"cpu {res['cpu_us']:.3f} us/event  close/flush {res['close_us']:.3f} us/event  "
                 f"sent {res['sent']:.0f} "
                 f"dropped {res['dropped']:.0f} failed {res['failed']:.0f}",
@@ -315,22 +382,39 @@ def main(argv: list[str] | None = None) -> int:
         kv[f"producer_{p}_close_us"] = f"{med[p]['close_us']:.3f}"
         kv[f"producer_{p}_dropped"] = f"{sum(x['dropped'] for x in results[p]):.0f}"
         kv[f"producer_{p}_failed"] = f"{sum(x['failed'] for x in results[p]):.0f}"
-    if "naive" in paths:
+
+    # Each path against its floor or baseline, as the goals of issue 11 state them.
+    shares: list[list[str]] = []
+
+    def share(
+        name: str, key: str, path: str, base: str, goal: float | None, *, inverse: bool
+    ) -> None:
+        if path not in med or base not in med:
+            return
+        now, ref = med[path][key], med[base][key]
+        ratio = ref / now if inverse else now / ref
+        kv[f"producer_share_{path}_vs_{base}_{key[:-3]}"] = f"{ratio:.2f}"
+        unit = "us/call" if key == "wall_us" else "us/event cpu"
+        row = [name, f"{now:.3f} {unit}", f"{base}: {ref:.3f}", f"{ratio:.2f}x", "-", ""]
+        if goal is not None:
+            ok = ratio >= goal if inverse else ratio <= goal
+            row[4:] = [f"{'>=' if inverse else '<='} {goal:g}x", "pass" if ok else "miss"]
+            kv[f"producer_goal_{path}_vs_{base}"] = "pass" if ok else "miss"
+        shares.append(row)
+
+    share("publish(), one model, caller view", "wall_us", "batched", "floor",
+          GOAL_FLOOR_SHARE, inverse=False)  # fmt: skip
+    share("naive / publish(), caller view", "wall_us", "batched", "naive",
+          GOAL_NAIVE_RATIO, inverse=True)  # fmt: skip
+    share("publish(), three models in rotation", "wall_us", "rotation3", "batched",
+          GOAL_ROTATION, inverse=False)  # fmt: skip
+    share("three models in rotation, caller view", "wall_us", "rotation3", "floor",
+          None, inverse=False)  # fmt: skip
+    share("per-event mode, cpu per event", "cpu_us", "event", "naive",
+          GOAL_EVENT_CPU, inverse=False)  # fmt: skip
+    if shares:
         print()
-        for p in paths:
-            if p in ("naive", "publish_only"):
-                continue
-            w = med["naive"]["wall_us"] / med[p]["wall_us"]
-            c = med["naive"]["cpu_us"] / med[p]["cpu_us"]
-            print(f"naive / {p}: {w:.1f}x wall per call, {c:.1f}x cpu per event")
-            kv[f"producer_ratio_naive_over_{p}_wall"] = f"{w:.2f}"
-            kv[f"producer_ratio_naive_over_{p}_cpu"] = f"{c:.2f}"
-    if "batched" in paths:
-        ok = med["batched"]["wall_us"] <= GOAL_WALL_US
-        kv["producer_goal_batched_wall_le_1us"] = "pass" if ok else "miss"
-        if "naive" in paths:
-            ratio = med["naive"]["wall_us"] / med["batched"]["wall_us"]
-            kv["producer_goal_ratio_ge_5x"] = "pass" if ratio >= GOAL_RATIO else "miss"
+        print(table(["path", "now", "floor or baseline", "ratio", "goal", ""], shares))
     print()
     for k, v in kv.items():
         print(f"{k}={v}")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -48,7 +49,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--duration", type=float, default=0, help="seconds to run; 0 = until Ctrl-C")
     p.add_argument("--rate", type=float, default=200, help="predictions per second per model")
-    p.add_argument("--models", type=int, default=6, help="number of simulated models")
+    p.add_argument("--models", type=int, default=7, help="number of simulated models")
     p.add_argument("--shards", type=int, default=2, help="aggregator processes")
     p.add_argument("--partitions", type=int, default=6, help="partitions of the input topic")
     p.add_argument("--kafka-port", type=int, default=9092)
@@ -136,23 +137,58 @@ def _summary(samples: Any, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+# The plain accuracy alert and its confidence-gated sibling, side by side for the two
+# accuracy incidents of demo/fleet.py: a real drop (thousands of labels) and a dip of a
+# model with rare labels (below the gated alert's minimum sample).
+GATE_MODELS = ("fraud-detector", "ticket-priority")
+PLAIN, GATED = "ModelAccuracyLow", "ModelAccuracyConfidentlyLow"
+MIN_SAMPLE = 100  # labelled predictions per window (prometheus/rules/alerts.yml)
+
+
+def _get(prometheus_url: str, path: str) -> Any:
+    with urllib.request.urlopen(f"{prometheus_url}{path}", timeout=2) as r:
+        return json.loads(r.read())["data"]
+
+
+def _by_model(prometheus_url: str, expr: str) -> dict[str, float]:
+    """An instant query's value per model (summed over versions)."""
+    rows = _get(prometheus_url, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    out: dict[str, float] = defaultdict(float)
+    for row in rows["result"]:
+        out[row["metric"].get("model", "")] += float(row["value"][1])
+    return out
+
+
 def _alerts(prometheus_url: str | None) -> str:
-    """Firing (and pending) alerts from Prometheus' API, one line."""
+    """Firing (and pending) alerts from Prometheus' API, then plain vs gated accuracy."""
     if not prometheus_url:
         return " alerts: Prometheus not started"
     try:
-        with urllib.request.urlopen(f"{prometheus_url}/api/v1/alerts", timeout=2) as r:
-            alerts = json.loads(r.read())["data"]["alerts"]
+        alerts = _get(prometheus_url, "/api/v1/alerts")["alerts"]
+        labelled = _by_model(prometheus_url, "model:labelled_predictions:increase5m")
+        upper = _by_model(prometheus_url, "max by (model) (model:accuracy:wilson_upper5m)")
     except (OSError, ValueError, KeyError):
         return " alerts: Prometheus not answering yet"
-    if not alerts:
-        return " alerts: none firing"
     parts = sorted(
         f"{a['labels'].get('alertname')}[{a['labels'].get('model', a['labels'].get('reason', ''))}]"
         + ("" if a.get("state") == "firing" else " (pending)")
         for a in alerts
     )
-    return " alerts: " + ", ".join(parts)
+    lines = [" alerts: " + (", ".join(parts) if parts else "none firing")]
+    state = {(a["labels"].get("alertname"), a["labels"].get("model")): a["state"] for a in alerts}
+    lines.append(
+        f" {'accuracy alerts':<19}{'plain ' + PLAIN:<28}{'gated ' + GATED:<40}labelled/5m"
+        "  accuracy <= (95%)"
+    )
+    for model in GATE_MODELS:
+        n = labelled.get(model)
+        note = "" if n is None or n >= MIN_SAMPLE else f" (< {MIN_SAMPLE}: too few to judge)"
+        plain, gated = state.get((PLAIN, model), "-"), state.get((GATED, model), "-")
+        lines.append(
+            f"   {model:<17}{plain:<28}{gated:<40}"
+            f"{_fmt(n, '11.0f')}{_fmt(upper.get(model), '19.3f')}{note}"
+        )
+    return "\n".join(lines)
 
 
 def _write_report(prometheus_url: str, path: Path, fleet: Fleet) -> None:

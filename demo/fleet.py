@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,7 +23,7 @@ __all__ = ["INCIDENTS", "Fleet", "SimulatedModel", "default_models"]
 @dataclass(frozen=True)
 class Incident:
     model: str
-    kind: str  # accuracy_drop | drift | latency_spike | error_burst
+    kind: str  # accuracy_drop | accuracy_dip | drift | latency_spike | error_burst
     start_s: float
     end_s: float
 
@@ -32,12 +32,24 @@ class Incident:
 
 
 # Long enough to hold through the alerts' 5m rate windows and `for:` durations.
+# The two accuracy incidents show the confidence gate (README, *Demo*): fraud-detector's
+# drop has thousands of labels per 5m, so ModelAccuracyConfidentlyLow fires (~9 min in)
+# beside ModelAccuracyLow; ticket-priority's dip has ~15 labels per 5m (below the gated
+# alerts' minimum of 100), so only the plain ModelAccuracyLow fires (~9-13 min in).
 INCIDENTS = (
     Incident("fraud-detector", "accuracy_drop", 120, 1e9),
+    Incident("ticket-priority", "accuracy_dip", 150, 540),
     Incident("intent-router", "drift", 180, 1e9),
     Incident("eta-minutes", "latency_spike", 240, 900),
     Incident("churn-predictor", "error_burst", 300, 900),
 )
+
+# Customer segments (the ``segment`` of each prediction): their share of traffic, the
+# accuracy offset of a classifier and the error scale of a regressor there. Weighted
+# means are 0 and ~1, so the model-wide quality stays what each model's figures say,
+# while the per-segment panels show apac worse and eu better.
+SEGMENTS = (("eu", 0.5, 0.03, 0.9), ("us", 0.35, 0.0, 1.0), ("apac", 0.15, -0.1, 1.3))
+_SEGMENT_P = np.array([s[1] for s in SEGMENTS])
 
 
 @dataclass
@@ -49,6 +61,15 @@ class SimulatedModel:
     accuracy: float = 0.9
     label_fraction: float = 0.5
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    # Labels per second whatever the prediction rate (replaces label_fraction, see at_rate).
+    labels_per_second: float | None = None
+
+    def at_rate(self, rate: float) -> SimulatedModel:
+        """This model published ``rate`` times a second (an absolute label rate applied)."""
+        if self.labels_per_second is None:
+            return self
+        fraction = min(1.0, self.labels_per_second / rate)
+        return replace(self, label_fraction=fraction, labels_per_second=None)
 
     def predict(self, t: float, incidents: Sequence[Incident]) -> dict[str, object]:
         kinds = {i.kind for i in incidents if i.model == self.name and i.active(t)}
@@ -68,14 +89,16 @@ class SimulatedModel:
         elif r < 0.008:
             outcome = "timeout"
         labelled = rng.random() < self.label_fraction
+        segment, _, acc_offset, error_scale = SEGMENTS[int(rng.choice(len(SEGMENTS), p=_SEGMENT_P))]
         event: dict[str, object] = {
             "latency_seconds": latency,
             "outcome": outcome,
             "features": features,
+            "segment": segment,
         }
         if self.classes is None:
             truth = 30 + features["amount"] / 10 + float(rng.normal(0, 5))
-            noise = 12.0 if "accuracy_drop" in kinds else 3.0
+            noise = (12.0 if "accuracy_drop" in kinds else 3.0) * error_scale
             event["prediction"] = truth + float(rng.normal(0, noise)) if outcome == "ok" else None
             event["label"] = truth if labelled else None
             return event
@@ -83,7 +106,9 @@ class SimulatedModel:
         # Drift moves the true class mix toward the last class.
         p = np.full(k, 1.0 / k) if not shift else np.r_[np.full(k - 1, 0.5 / (k - 1)), 0.5]
         truth_i = int(rng.choice(k, p=p))
-        acc = 0.45 if "accuracy_drop" in kinds else self.accuracy
+        acc = 0.45 if "accuracy_drop" in kinds else min(1.0, self.accuracy + acc_offset)
+        if "accuracy_dip" in kinds:
+            acc = 0.2  # with random guesses right 1/k of the time: ~40% over 4 classes
         pred_i = truth_i if rng.random() < acc else int(rng.integers(k))
         score = float(np.clip(rng.beta(8, 2) if pred_i == truth_i else rng.beta(3, 3), 0, 1))
         if outcome == "ok":
@@ -103,6 +128,15 @@ def default_models(n: int, seed: int = 1) -> list[SimulatedModel]:
         SimulatedModel("eta-minutes", "v2", None, 0.008, label_fraction=0.7),
         SimulatedModel("support-topic", "v4", ["billing", "tech", "account"], 0.03, 0.88, 0.3),
         SimulatedModel("price-estimator", "v12", None, 0.012, label_fraction=0.5),
+        # Labels are rare (a human triages a few tickets): ~15 per 5m, ~180 per hour.
+        SimulatedModel(
+            "ticket-priority",
+            "v2",
+            ["low", "normal", "high", "urgent"],
+            0.02,
+            0.97,
+            labels_per_second=0.05,
+        ),
     ]
     out = []
     for i in range(n):
@@ -117,6 +151,7 @@ def default_models(n: int, seed: int = 1) -> list[SimulatedModel]:
                 m.accuracy,
                 m.label_fraction,
                 np.random.default_rng(seed + i),
+                m.labels_per_second,
             )
         )
     return out
@@ -133,7 +168,7 @@ class Fleet:
         rate: float,
         incidents: Sequence[Incident] = INCIDENTS,
     ) -> None:
-        self.models = list(models)
+        self.models = [m.at_rate(rate) for m in models]
         self.rate = rate
         self.incidents = list(incidents)
         self.publisher = PredictionPublisher(

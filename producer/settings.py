@@ -6,8 +6,10 @@ import os
 import socket
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.connection import KafkaConnection
 
 __all__ = ["PublisherSettings"]
 
@@ -16,10 +18,12 @@ def _default_instance() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class PublisherSettings(BaseSettings):
+class PublisherSettings(KafkaConnection, BaseSettings):
     """How a service publishes its predictions.
 
-    Every field can be set from the environment, e.g. ``MODELPULSE_BOOTSTRAP_SERVERS``,
+    The connection fields (bootstrap, SASL, TLS, extra ``kafka`` settings) are those of
+    ``schemas.connection.KafkaConnection``. Every field can be set from the environment,
+    e.g. ``MODELPULSE_BOOTSTRAP_SERVERS``,
     ``MODELPULSE_MODE=event``, ``MODELPULSE_KAFKA='{"client.id": "svc"}'``.
 
     >>> PublisherSettings(bootstrap_servers="127.0.0.1:9092", linger_seconds=0.05).mode
@@ -28,7 +32,6 @@ class PublisherSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELPULSE_", extra="forbid")
 
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
     topic: str = Field("predictions", min_length=1, description="Topic of prediction events.")
     feedback_topic: str = Field(
         "prediction-feedback",
@@ -70,24 +73,6 @@ class PublisherSettings(BaseSettings):
     )
     max_features: int = Field(32, ge=0, le=1024, description="Features per event.")
     max_string_length: int = Field(256, ge=1, le=65536, description="Longest name/label string.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_ca_location: str | None = Field(None, description="PEM CA bundle of the brokers.")
-    ssl_certificate_location: str | None = Field(None, description="PEM client certificate.")
-    ssl_key_location: str | None = Field(None, description="PEM key of the certificate.")
-    ssl_key_password: SecretStr | None = None
-    kafka: dict[str, Any] = Field(
-        default_factory=dict, description="Extra librdkafka settings; they win over the above."
-    )
-
-    @field_validator("bootstrap_servers")
-    @classmethod
-    def _servers_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name at least one host:port")
-        return value
 
     @model_validator(mode="after")
     def _feedback_apart(self) -> PublisherSettings:
@@ -98,33 +83,16 @@ class PublisherSettings(BaseSettings):
 
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka's dotted config for the producer."""
-        config: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "client.id": f"modelpulse-{self.service or 'publisher'}",
-            # murmur2 is what the Java client uses for keyed messages, so a model lands in
-            # the same partition whichever language published it.
-            "partitioner": "murmur2_random",
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "compression.type": self.compression,
-            "message.timeout.ms": int(self.delivery_timeout_seconds * 1000),
-            "security.protocol": self.security_protocol,
-        }
-        if self.sasl_mechanism:
-            config["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username:
-            config["sasl.username"] = self.sasl_username
-        if self.sasl_password is not None:
-            config["sasl.password"] = self.sasl_password.get_secret_value()
-        for key, value in (
-            ("ssl.ca.location", self.ssl_ca_location),
-            ("ssl.certificate.location", self.ssl_certificate_location),
-            ("ssl.key.location", self.ssl_key_location),
-        ):
-            if value:
-                config[key] = value
-        if self.ssl_key_password is not None:
-            config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
-        config.update(self.kafka)
-        return config
+        return self.librdkafka_config(
+            {
+                "client.id": f"modelpulse-{self.service or 'publisher'}",
+                # murmur2 is what the Java client uses for keyed messages, so a model lands in
+                # the same partition whichever language published it.
+                "partitioner": "murmur2_random",
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": self.compression,
+                "message.timeout.ms": int(self.delivery_timeout_seconds * 1000),
+            }
+        )

@@ -3,29 +3,15 @@
 # Run `scripts/kafka.sh --help` for the full description.
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+SERVICE=kafka
+# shellcheck source=scripts/lib/service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service.sh"
 POM="${REPO_ROOT}/deploy/kafka/pom.xml"
 LOG4J_CONF="${REPO_ROOT}/deploy/kafka/log4j2.yaml"
-
-pom_kafka_version() {
-  sed -n 's:.*<kafka\.version>\([^<]*\)</kafka\.version>.*:\1:p' "${POM}" | head -n 1
-}
-
-abspath() {
-  # Absolute form of a path that may not exist yet (the JVMs run with another working dir).
-  case "$1" in
-    /*) printf '%s\n' "$1" ;;
-    *) printf '%s/%s\n' "${PWD}" "$1" ;;
-  esac
-}
-
-KAFKA_VERSION="${MODELPULSE_KAFKA_VERSION:-$(pom_kafka_version)}"
-CACHE_ROOT="$(abspath "${MODELPULSE_CACHE:-${HOME:-/tmp}/.cache/modelpulse}")"
+KAFKA_VERSION="${MODELPULSE_KAFKA_VERSION:-$(service_pom_property "${POM}" kafka.version)}"
 KAFKA_DIST="${CACHE_ROOT}/kafka-${KAFKA_VERSION}"
 LIBS="${KAFKA_DIST}/libs"
 MARKER="${KAFKA_DIST}/.installed"
-RUN_ROOT="$(abspath "${MODELPULSE_RUN_DIR:-${REPO_ROOT}/.run}")"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
 JVM_OPTS="${KAFKA_JVM_PERFORMANCE_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true}"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
@@ -137,20 +123,7 @@ Environment:
 EOF
 }
 
-say() { printf 'kafka: %s\n' "$*"; }
-warn() { printf 'kafka: %s\n' "$*" >&2; }
-die() {
-  printf 'kafka: error: %s\n' "$*" >&2
-  exit 1
-}
-
-java_bin() {
-  if [[ -n "${JAVA_HOME:-}" && -x "${JAVA_HOME}/bin/java" ]]; then
-    printf '%s\n' "${JAVA_HOME}/bin/java"
-  else
-    command -v java || die "java not found on PATH (Kafka ${KAFKA_VERSION} needs Java 17+; Debian: apt-get install openjdk-17-jre-headless)"
-  fi
-}
+java_bin() { service_java "Kafka ${KAFKA_VERSION}"; }
 
 check_java() {
   local java version major
@@ -193,32 +166,16 @@ EOF
 cmd_install() {
   [[ $# -eq 0 ]] || die "install takes no options"
   [[ -n "${KAFKA_VERSION}" ]] || die "could not read <kafka.version> from ${POM}"
-  local want
-  want="${KAFKA_VERSION} $(pom_hash)"
-  if installed_ok; then
-    say "Kafka ${KAFKA_VERSION} already installed in ${LIBS}"
-    return 0
-  fi
-  command -v mvn >/dev/null 2>&1 || die "mvn not found (Debian: apt-get install maven); needed once to fetch the Kafka jars"
+  service_install "Kafka ${KAFKA_VERSION}" "${KAFKA_DIST}" installed_ok fetch_kafka "${LIBS}"
+}
+
+fetch_kafka() {
+  # The jars land in a temporary dir first, so a failed run leaves the old ones in place.
   check_java
-  mkdir -p "${KAFKA_DIST}"
-  if command -v flock >/dev/null 2>&1; then
-    # Concurrent installs (parallel CI jobs): one resolves, the others wait and reuse it.
-    exec 8>"${KAFKA_DIST}/.install.lock"
-    flock -w 600 8 || die "another Kafka install is still running (lock ${KAFKA_DIST}/.install.lock)"
-    if installed_ok; then
-      exec 8>&-
-      say "Kafka ${KAFKA_VERSION} already installed in ${LIBS}"
-      return 0
-    fi
-  fi
-  say "installing Kafka ${KAFKA_VERSION} jars into ${LIBS} (Maven) ..."
-  local tmp
+  local tmp mvn_log="${KAFKA_DIST}/install.log"
   tmp="$(mktemp -d "${KAFKA_DIST}/libs.tmp.XXXXXX")"
-  local mvn_log="${KAFKA_DIST}/install.log"
-  if ! mvn -B -q -f "${POM}" -Dkafka.version="${KAFKA_VERSION}" \
-    dependency:copy-dependencies -DoutputDirectory="${tmp}" >"${mvn_log}" 2>&1; then
-    tail -n 40 "${mvn_log}" >&2 || true
+  if ! service_mvn "${mvn_log}" -f "${POM}" -Dkafka.version="${KAFKA_VERSION}" \
+    dependency:copy-dependencies -DoutputDirectory="${tmp}"; then
     rm -rf "${tmp}"
     die "Maven could not resolve Kafka ${KAFKA_VERSION} (full log: ${mvn_log})"
   fi
@@ -228,8 +185,7 @@ cmd_install() {
   fi
   rm -rf "${LIBS}"
   mv "${tmp}" "${LIBS}"
-  printf '%s\n' "${want}" >"${MARKER}"
-  exec 8>&- 2>/dev/null || true
+  printf '%s %s\n' "${KAFKA_VERSION}" "$(pom_hash)" >"${MARKER}"
   say "installed $(find "${LIBS}" -name '*.jar' | wc -l) jars in ${LIBS}"
 }
 
@@ -250,12 +206,6 @@ CLUSTER_ID=""
 CLUSTER_DIR=""
 SECURITY="plaintext"
 TLS_DIR=""
-
-set_cluster() {
-  NAME="$1"
-  [[ "${NAME}" =~ ^[A-Za-z0-9._-]+$ ]] || die "invalid --name '${NAME}' (letters, digits, . _ - only)"
-  CLUSTER_DIR="${RUN_ROOT}/kafka-${NAME}"
-}
 
 load_cluster() {
   # Reads PORT, BROKERS, CLUSTER_ID of an existing cluster; returns 1 when there is none.
@@ -456,34 +406,14 @@ write_admin_client() {
 
 # ---------------------------------------------------------------- processes
 
-pid_alive() {
-  # True when process $1 exists and is not a zombie (an orphaned JVM killed with -9 may stay a
-  # zombie for a while when nothing reaps it).
-  local state=""
-  kill -0 "$1" 2>/dev/null || return 1
-  if [[ -r "/proc/$1/stat" ]]; then
-    state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
-  fi
-  [[ "${state}" != "Z" ]]
-}
-
 node_pid() {
   # Prints the PID of node $1 when its JVM is alive (and really is that node), else nothing.
-  local dir pid
+  local dir
   dir="$(node_dir "$1")"
-  [[ -f "${dir}/kafka.pid" ]] || return 0
-  pid="$(cat "${dir}/kafka.pid" 2>/dev/null || true)"
-  [[ "${pid}" =~ ^[0-9]+$ ]] || return 0
-  pid_alive "${pid}" || return 0
-  if [[ -r "/proc/${pid}/cmdline" ]]; then
-    tr '\0' ' ' <"/proc/${pid}/cmdline" | grep -qF "${dir}/server.properties" || return 0
-  fi
-  printf '%s\n' "${pid}"
+  service_pid "${dir}/kafka.pid" "${dir}/server.properties"
 }
 
-port_open() {
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
+port_open() { service_port_open "$1"; }
 
 log_size() {
   local f
@@ -494,19 +424,11 @@ log_size() {
 print_node_logs() {
   # print_node_logs NODE [with-stdout]: last 40 lines this launch wrote to server.log (and the
   # JVM's stdout/stderr, which has crash messages such as JVM option errors), to stderr.
-  local i="$1" dir f offset size
+  local i="$1" dir
   dir="$(node_dir "${i}")"
-  f="${dir}/logs/server.log"
-  if [[ -f "${f}" ]]; then
-    offset="${LOG_OFFSET[${i}]:-0}"
-    size="$(wc -c <"${f}" | tr -d ' ')"
-    ((size >= offset)) || offset=0
-    printf -- '----- node %s: last 40 lines of %s\n' "${i}" "${f}" >&2
-    tail -c "+$((offset + 1))" "${f}" | tail -n 40 >&2 || true
-  fi
+  service_show_log "${dir}/logs/server.log" "${LOG_OFFSET[${i}]:-0}"
   if [[ "${2:-}" == "with-stdout" && -s "${dir}/stdout.log" ]]; then
-    printf -- '----- node %s: last 40 lines of %s\n' "${i}" "${dir}/stdout.log" >&2
-    tail -n 40 "${dir}/stdout.log" >&2 || true
+    service_show_log "${dir}/stdout.log"
   fi
 }
 
@@ -548,25 +470,17 @@ launch_node() {
   dir="$(node_dir "${i}")"
   java="$(java_bin)"
   LOG_OFFSET[${i}]="$(log_size "${i}")"
-  if [[ -s "${dir}/stdout.log" ]]; then
-    mv -f "${dir}/stdout.log" "${dir}/stdout.log.1"
-  fi
   local -a heap jvm extra
   read -r -a heap <<<"${HEAP_OPTS}"
   read -r -a jvm <<<"${JVM_OPTS}"
   read -r -a extra <<<"${KAFKA_OPTS:-}"
-  (
-    cd "${dir}"
-    exec 9>&-
-    exec nohup "${java}" "${heap[@]}" "${jvm[@]}" "${extra[@]}" \
-      -Dkafka.logs.dir="${dir}/logs" \
-      -Dkafka.log.level="${KAFKA_LOG_LEVEL:-INFO}" \
-      -Dlog4j2.configurationFile="${LOG4J_CONF}" \
-      -cp "${LIBS}/*" kafka.Kafka "${dir}/server.properties" \
-      >"${dir}/stdout.log" 2>&1 </dev/null
-  ) &
-  printf '%s\n' "$!" >"${dir}/kafka.pid"
-  say "node ${i} launched (pid $!, broker 127.0.0.1:$(broker_port "${i}"), controller 127.0.0.1:$(controller_port "${i}"))"
+  service_start "${dir}/kafka.pid" "${dir}/stdout.log" "${dir}" \
+    "${java}" "${heap[@]}" "${jvm[@]}" "${extra[@]}" \
+    -Dkafka.logs.dir="${dir}/logs" \
+    -Dkafka.log.level="${KAFKA_LOG_LEVEL:-INFO}" \
+    -Dlog4j2.configurationFile="${LOG4J_CONF}" \
+    -cp "${LIBS}/*" kafka.Kafka "${dir}/server.properties"
+  say "node ${i} launched (pid ${SERVICE_PID}, broker 127.0.0.1:$(broker_port "${i}"), controller 127.0.0.1:$(controller_port "${i}"))"
 }
 
 check_ports() {
@@ -586,20 +500,8 @@ STARTED_NODES=()
 start_nodes() {
   # start_nodes NODE... : configures, formats and launches the given nodes that are not
   # running (no wait); sets STARTED_NODES to those launched.
-  local i p pid
-  check_ports() {
-  # check_ports NODE... : dies when a port of a (not running) node is taken by someone else.
-  local i p
-  for i in "$@"; do
-    for p in "$(broker_port "${i}")" "$(controller_port "${i}")"; do
-      if port_open "${p}"; then
-        die "port ${p} (node ${i} of '${NAME}') is already in use by another process; stop it or use another --port"
-      fi
-    done
-  done
-}
-
-STARTED_NODES=()
+  local i pid
+  STARTED_NODES=()
   for i in "$@"; do
     pid="$(node_pid "${i}")"
     if [[ -n "${pid}" ]]; then
@@ -658,79 +560,47 @@ sys.exit(0 if len(md.brokers) >= int(sys.argv[2]) else 1)
 EOF
 }
 
-node_alive() {
-  # True while the process in node $1's PID file exists (also right after launch, before exec).
-  local pid
-  pid="$(cat "$(node_dir "$1")/kafka.pid" 2>/dev/null || true)"
-  [[ "${pid}" =~ ^[0-9]+$ ]] && pid_alive "${pid}"
+WAIT_TOOK=0
+WAITING_FOR=()
+
+all_started() {
+  local i
+  for i in "${WAITING_FOR[@]}"; do
+    node_started "${i}" || return 1
+  done
 }
 
-WAIT_TOOK=0
+launch_pid() { cat "$(node_dir "$1")/kafka.pid" 2>/dev/null || printf 'none\n'; }
 
 wait_nodes() {
   # wait_nodes TIMEOUT NODE... : waits until the given nodes serve; sets WAIT_TOOK (seconds).
-  local timeout="$1" start now i all py
+  local timeout="$1" start i py rc=0 running=0
   shift
-  local -a pending=("$@")
+  WAITING_FOR=("$@")
+  # The PID files are written at launch, before the JVM is exec'ed: a node that exits during
+  # startup fails the wait at once.
+  local -a pids=()
+  for i in "$@"; do pids+=("$(launch_pid "${i}")"); done
   start="$(date +%s)"
-  while :; do
-    all=1
-    for i in "${pending[@]}"; do
-      if ! node_alive "${i}"; then
-        print_node_logs "${i}" with-stdout
-        die "node ${i} of '${NAME}' exited during startup (logs above)"
-      fi
-      node_started "${i}" || all=0
+  service_wait "${timeout}" "${pids[*]}" all_started || rc=$?
+  if ((rc == 2)); then
+    for i in "$@"; do
+      service_pid_alive "$(launch_pid "${i}")" && continue
+      print_node_logs "${i}" with-stdout
+      die "node ${i} of '${NAME}' exited during startup (logs above)"
     done
-    ((all)) && break
-    now="$(date +%s)"
-    if ((now - start >= timeout)); then
-      for i in "${pending[@]}"; do node_started "${i}" || print_node_logs "${i}"; done
-      die "Kafka '${NAME}' did not start within ${timeout}s (still running; see logs above, 'scripts/kafka.sh stop --name ${NAME}' to stop it)"
-    fi
-    sleep 0.25
-  done
+  elif ((rc == 1)); then
+    for i in "$@"; do node_started "${i}" || print_node_logs "${i}"; done
+    die "Kafka '${NAME}' did not start within ${timeout}s (still running; see logs above, 'scripts/kafka.sh stop --name ${NAME}' to stop it)"
+  fi
   if py="$(python_with_confluent_kafka)"; then
-    local running=0
     for ((i = 1; i <= BROKERS; i++)); do
       [[ -n "$(node_pid "${i}")" ]] && running=$((running + 1))
     done
-    until metadata_ok "${py}" "${running}"; do
-      now="$(date +%s)"
-      if ((now - start >= timeout)); then
-        die "Kafka '${NAME}' logged '${STARTED_LINE}' but a metadata request did not see ${running} broker(s) within ${timeout}s"
-      fi
-      sleep 0.5
-    done
+    service_wait $((timeout - ($(date +%s) - start))) "" metadata_ok "${py}" "${running}" \
+      || die "Kafka '${NAME}' logged '${STARTED_LINE}' but a metadata request did not see ${running} broker(s) within ${timeout}s"
   fi
   WAIT_TOOK=$(($(date +%s) - start))
-}
-
-stop_pids() {
-  # stop_pids KILL(0|1) PID... : SIGTERM, wait STOP_TIMEOUT, then SIGKILL.
-  local kill_now="$1" pid waited=0 alive
-  shift
-  (($# > 0)) || return 0
-  if ((kill_now)); then
-    kill -KILL "$@" 2>/dev/null || true
-  else
-    kill -TERM "$@" 2>/dev/null || true
-  fi
-  while :; do
-    alive=()
-    for pid in "$@"; do
-      pid_alive "${pid}" && alive+=("${pid}")
-    done
-    ((${#alive[@]} == 0)) && return 0
-    if ((waited >= STOP_TIMEOUT * 4)); then
-      warn "pid(s) ${alive[*]} still alive after ${STOP_TIMEOUT}s, sending SIGKILL"
-      kill -KILL "${alive[@]}" 2>/dev/null || true
-      sleep 0.5
-      return 0
-    fi
-    sleep 0.25
-    waited=$((waited + 1))
-  done
 }
 
 stop_nodes() {
@@ -751,7 +621,7 @@ stop_nodes() {
     local how="SIGTERM"
     ((kill_now)) && how="SIGKILL"
     say "'${NAME}': stopping node(s) ${nodes[*]} (pid ${pids[*]}) with ${how}"
-    stop_pids "${kill_now}" "${pids[@]}"
+    service_stop "${STOP_TIMEOUT}" "${kill_now}" "${pids[@]}"
   fi
   for i in "$@"; do
     rm -f "$(node_dir "${i}")/kafka.pid"
@@ -763,58 +633,39 @@ all_nodes() { seq 1 "${BROKERS}"; }
 # ---------------------------------------------------------------- commands
 
 parse_common() {
-  # Sets OPT_* from the common options; unknown options are an error.
-  OPT_NAME="${DEFAULT_NAME}"
-  OPT_PORT=""
+  # Sets OPT_* from the options; unknown options are an error.
+  service_opts_init "${DEFAULT_NAME}" "${START_TIMEOUT}" 100
   OPT_BROKERS=""
   OPT_NODE=""
-  OPT_KILL=0
-  OPT_TIMEOUT="${START_TIMEOUT}"
-  OPT_LINES=100
-  OPT_FOLLOW=0
   OPT_SECURITY=""
   OPT_TLS_DIR=""
   while (($# > 0)); do
     case "$1" in
-      --name) OPT_NAME="${2:?--name needs a value}"; shift 2 ;;
-      --name=*) OPT_NAME="${1#*=}"; shift ;;
-      --port) OPT_PORT="${2:?--port needs a value}"; shift 2 ;;
-      --port=*) OPT_PORT="${1#*=}"; shift ;;
       --brokers) OPT_BROKERS="${2:?--brokers needs a value}"; shift 2 ;;
       --brokers=*) OPT_BROKERS="${1#*=}"; shift ;;
       --node) OPT_NODE="${2:?--node needs a value}"; shift 2 ;;
       --node=*) OPT_NODE="${1#*=}"; shift ;;
-      --timeout) OPT_TIMEOUT="${2:?--timeout needs a value}"; shift 2 ;;
       --security) OPT_SECURITY="${2:?--security needs a value}"; shift 2 ;;
       --security=*) OPT_SECURITY="${1#*=}"; shift ;;
       --tls-dir) OPT_TLS_DIR="$(abspath "${2:?--tls-dir needs a value}")"; shift 2 ;;
       --tls-dir=*) OPT_TLS_DIR="$(abspath "${1#*=}")"; shift ;;
-      --timeout=*) OPT_TIMEOUT="${1#*=}"; shift ;;
-      -n | --lines) OPT_LINES="${2:?-n needs a value}"; shift 2 ;;
-      -f | --follow) OPT_FOLLOW=1; shift ;;
-      --kill) OPT_KILL=1; shift ;;
-      -h | --help) usage; exit 0 ;;
-      *) die "unknown option '$1' (see --help)" ;;
+      *) service_parse_opt "$@"; shift "${SERVICE_SHIFT}" ;;
     esac
   done
-  [[ -z "${OPT_PORT}" || "${OPT_PORT}" =~ ^[0-9]+$ ]] || die "--port must be a number"
+  service_check_opts
   [[ -z "${OPT_BROKERS}" || "${OPT_BROKERS}" == 1 || "${OPT_BROKERS}" == 3 ]] || die "--brokers must be 1 or 3"
-  [[ "${OPT_TIMEOUT}" =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
   case "${OPT_SECURITY}" in
     "" | plaintext | sasl_ssl | mtls) ;;
     *) die "--security must be plaintext, sasl_ssl or mtls" ;;
   esac
-  [[ "${OPT_LINES}" =~ ^[0-9]+$ ]] || die "-n must be a number"
-  set_cluster "${OPT_NAME}"
+  NAME="${OPT_NAME}"
+  CLUSTER_DIR="${RUN_ROOT}/kafka-${NAME}"
 }
 
 lock_cluster() {
   # Serializes start/stop/clean of one cluster between concurrent callers (e.g. parallel tests).
   # The lock is fd 9; launched JVMs close it so it is released when this script exits.
-  command -v flock >/dev/null 2>&1 || return 0
-  mkdir -p "${RUN_ROOT}"
-  exec 9>"${RUN_ROOT}/.kafka-${NAME}.lock"
-  flock -w 180 9 || die "another scripts/kafka.sh is still busy with '${NAME}'"
+  service_lock 9 "${RUN_ROOT}/.kafka-${NAME}.lock" 180 "another scripts/kafka.sh is still busy with '${NAME}'"
 }
 
 check_node_opt() {
@@ -952,10 +803,7 @@ cmd_logs() {
     [[ -f "${f}" ]] && files+=("${f}")
   done
   ((${#files[@]} > 0)) || die "no log files yet in ${CLUSTER_DIR}"
-  if ((OPT_FOLLOW)); then
-    exec tail -n "${OPT_LINES}" -F "${files[@]}"
-  fi
-  tail -n "${OPT_LINES}" "${files[@]}"
+  service_logs "${files[@]}"
 }
 
 cmd_clean() {
@@ -984,23 +832,4 @@ cmd_run_class() {
   exec "${java}" -Xmx512m "${extra[@]}" -Dlog4j2.configurationFile="${conf}" -cp "${LIBS}/*" "$@"
 }
 
-main() {
-  local cmd="${1:-}"
-  (($# > 0)) && shift
-  case "${cmd}" in
-    install) cmd_install "$@" ;;
-    start) cmd_start "$@" ;;
-    stop) cmd_stop "$@" ;;
-    start-node) cmd_start_node "$@" ;;
-    stop-node) cmd_stop_node "$@" ;;
-    status) cmd_status "$@" ;;
-    logs) cmd_logs "$@" ;;
-    clean) cmd_clean "$@" ;;
-    run-class) cmd_run_class "$@" ;;
-    -h | --help | help) usage ;;
-    "") usage >&2; exit 2 ;;
-    *) die "unknown command '${cmd}' (see --help)" ;;
-  esac
-}
-
-main "$@"
+service_main "$@"

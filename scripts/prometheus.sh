@@ -3,10 +3,9 @@
 # Run `scripts/prometheus.sh --help` for the full description.
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
-RUN_ROOT="${MODELPULSE_RUN_DIR:-${REPO_ROOT}/.run}"
-[[ "${RUN_ROOT}" == /* ]] || RUN_ROOT="${PWD}/${RUN_ROOT}"
+SERVICE=prometheus
+# shellcheck source=scripts/lib/service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/service.sh"
 DEFAULT_CONFIG="${REPO_ROOT}/prometheus/prometheus.yml"
 DEFAULT_PORT=9090
 DEFAULT_NAME="default"
@@ -45,13 +44,6 @@ Files: \${MODELPULSE_RUN_DIR:-<repo>/.run}/prometheus-NAME/
          prometheus.pid   PID file
          port, config     what it was started with
 EOF
-}
-
-say() { printf 'prometheus: %s\n' "$*"; }
-warn() { printf 'prometheus: %s\n' "$*" >&2; }
-die() {
-  printf 'prometheus: error: %s\n' "$*" >&2
-  exit 1
 }
 
 # ---------------------------------------------------------------- install
@@ -136,49 +128,13 @@ cmd_install() {
 NAME="${DEFAULT_NAME}"
 INST_DIR=""
 
-set_instance() {
-  NAME="$1"
-  [[ "${NAME}" =~ ^[A-Za-z0-9._-]+$ ]] || die "invalid --name '${NAME}' (letters, digits, . _ - only)"
-  INST_DIR="${RUN_ROOT}/prometheus-${NAME}"
-}
-
-pid_alive() {
-  local state=""
-  kill -0 "$1" 2>/dev/null || return 1
-  if [[ -r "/proc/$1/stat" ]]; then
-    state="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
-  fi
-  [[ "${state}" != "Z" ]]
-}
-
 inst_pid() {
   # PID of this instance when alive (and really a prometheus on this run dir), else nothing.
-  local pid
-  [[ -f "${INST_DIR}/prometheus.pid" ]] || return 0
-  pid="$(cat "${INST_DIR}/prometheus.pid" 2>/dev/null || true)"
-  [[ "${pid}" =~ ^[0-9]+$ ]] || return 0
-  pid_alive "${pid}" || return 0
-  if [[ -r "/proc/${pid}/cmdline" ]]; then
-    tr '\0' ' ' <"/proc/${pid}/cmdline" | grep -qF -- "--storage.tsdb.path=${INST_DIR}/data" || return 0
-  fi
-  printf '%s\n' "${pid}"
+  service_pid "${INST_DIR}/prometheus.pid" "--storage.tsdb.path=${INST_DIR}/data"
 }
 
 inst_port() {
   cat "${INST_DIR}/port" 2>/dev/null || printf '%s\n' "${DEFAULT_PORT}"
-}
-
-http_get() {
-  # http_get URL : body on stdout, fails on non-2xx or no connection.
-  if command -v curl >/dev/null 2>&1; then
-    curl -fsS --max-time 3 "$1"
-  else
-    python3 - "$1" <<'EOF'
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
-    sys.stdout.write(r.read().decode())
-EOF
-  fi
 }
 
 http_post() {
@@ -191,10 +147,6 @@ with urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=b"", method
     sys.stdout.write(r.read().decode())
 EOF
   fi
-}
-
-port_open() {
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
 ensure_default_config() {
@@ -216,53 +168,29 @@ EOF
 }
 
 parse_opts() {
-  OPT_NAME="${DEFAULT_NAME}"
-  OPT_PORT=""
+  service_opts_init "${DEFAULT_NAME}" "${START_TIMEOUT}" 100
   OPT_CONFIG=""
-  OPT_KILL=0
-  OPT_TIMEOUT="${START_TIMEOUT}"
-  OPT_LINES=100
-  OPT_FOLLOW=0
   while (($# > 0)); do
     case "$1" in
-      --name) OPT_NAME="${2:?--name needs a value}"; shift 2 ;;
-      --name=*) OPT_NAME="${1#*=}"; shift ;;
-      --port) OPT_PORT="${2:?--port needs a value}"; shift 2 ;;
-      --port=*) OPT_PORT="${1#*=}"; shift ;;
       --config) OPT_CONFIG="${2:?--config needs a value}"; shift 2 ;;
       --config=*) OPT_CONFIG="${1#*=}"; shift ;;
-      --timeout) OPT_TIMEOUT="${2:?--timeout needs a value}"; shift 2 ;;
-      --timeout=*) OPT_TIMEOUT="${1#*=}"; shift ;;
-      -n | --lines) OPT_LINES="${2:?-n needs a value}"; shift 2 ;;
-      -f | --follow) OPT_FOLLOW=1; shift ;;
-      --kill) OPT_KILL=1; shift ;;
-      -h | --help) usage; exit 0 ;;
-      *) die "unknown option '$1' (see --help)" ;;
+      *) service_parse_opt "$@"; shift "${SERVICE_SHIFT}" ;;
     esac
   done
-  [[ -z "${OPT_PORT}" || "${OPT_PORT}" =~ ^[0-9]+$ ]] || die "--port must be a number"
-  [[ "${OPT_TIMEOUT}" =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
-  [[ "${OPT_LINES}" =~ ^[0-9]+$ ]] || die "-n must be a number"
-  set_instance "${OPT_NAME}"
+  service_check_opts
+  NAME="${OPT_NAME}"
+  INST_DIR="${RUN_ROOT}/prometheus-${NAME}"
 }
 
 wait_ready() {
   # wait_ready PID PORT TIMEOUT
-  local pid="$1" port="$2" timeout="$3" start
-  start="$(date +%s)"
-  until http_get "http://127.0.0.1:${port}/-/ready" >/dev/null 2>&1; do
-    if ! pid_alive "${pid}"; then
-      tail -n 40 "${INST_DIR}/prometheus.log" >&2 || true
-      die "prometheus '${NAME}' exited during startup (last log lines above)"
-    fi
-    if (($(date +%s) - start >= timeout)); then
-      tail -n 40 "${INST_DIR}/prometheus.log" >&2 || true
-      die "prometheus '${NAME}' not ready on port ${port} within ${timeout}s (still running; last log lines above)"
-    fi
-    sleep 0.25
-  done
-  WAIT_TOOK=$(($(date +%s) - start))
+  service_wait_ready "$3" "$1" "${INST_DIR}/prometheus.log" \
+    "prometheus '${NAME}' exited during startup (last log lines above)" \
+    "prometheus '${NAME}' not ready on port $2 within $3s (still running; last log lines above)" \
+    ready "$2"
 }
+
+ready() { service_http_get "http://127.0.0.1:$1/-/ready" >/dev/null; }
 
 cmd_start() {
   parse_opts "$@"
@@ -288,58 +216,38 @@ cmd_start() {
     config="${DEFAULT_CONFIG}"
   fi
   [[ -f "${config}" ]] || die "config ${config} not found"
-  if port_open "${port}"; then
+  if service_port_open "${port}"; then
     die "port ${port} is already in use by another process (use --port)"
   fi
   mkdir -p "${INST_DIR}/data"
   printf '%s\n' "${port}" >"${INST_DIR}/port"
   printf '%s\n' "${config}" >"${INST_DIR}/config"
-  if [[ -s "${INST_DIR}/prometheus.log" ]]; then
-    mv -f "${INST_DIR}/prometheus.log" "${INST_DIR}/prometheus.log.1"
-  fi
-  (
-    cd "${INST_DIR}"
-    exec nohup prometheus \
-      --config.file="${config}" \
-      --web.listen-address="127.0.0.1:${port}" \
-      --storage.tsdb.path="${INST_DIR}/data" \
-      --web.enable-lifecycle \
-      >"${INST_DIR}/prometheus.log" 2>&1 </dev/null
-  ) &
-  pid="$!"
-  printf '%s\n' "${pid}" >"${INST_DIR}/prometheus.pid"
+  service_start "${INST_DIR}/prometheus.pid" "${INST_DIR}/prometheus.log" "${INST_DIR}" \
+    prometheus \
+    --config.file="${config}" \
+    --web.listen-address="127.0.0.1:${port}" \
+    --storage.tsdb.path="${INST_DIR}/data" \
+    --web.enable-lifecycle
+  pid="${SERVICE_PID}"
   say "'${NAME}' launched (pid ${pid}, config ${config})"
   wait_ready "${pid}" "${port}" "${OPT_TIMEOUT}"
-  say "'${NAME}' ready after ${WAIT_TOOK}s"
+  say "'${NAME}' ready after ${SERVICE_WAITED}s"
   printf 'url=http://127.0.0.1:%s\n' "${port}"
 }
 
 cmd_stop() {
   parse_opts "$@"
-  local pid waited=0
+  local pid
   pid="$(inst_pid)"
   if [[ -z "${pid}" ]]; then
     say "'${NAME}': not running"
     rm -f "${INST_DIR}/prometheus.pid"
     return 0
   fi
-  if ((OPT_KILL)); then
-    say "'${NAME}': stopping pid ${pid} with SIGKILL"
-    kill -KILL "${pid}" 2>/dev/null || true
-  else
-    say "'${NAME}': stopping pid ${pid} with SIGTERM"
-    kill -TERM "${pid}" 2>/dev/null || true
-  fi
-  while pid_alive "${pid}"; do
-    if ((waited >= STOP_TIMEOUT * 4)); then
-      warn "pid ${pid} still alive after ${STOP_TIMEOUT}s, sending SIGKILL"
-      kill -KILL "${pid}" 2>/dev/null || true
-      sleep 0.5
-      break
-    fi
-    sleep 0.25
-    waited=$((waited + 1))
-  done
+  local how=SIGTERM
+  ((OPT_KILL)) && how=SIGKILL
+  say "'${NAME}': stopping pid ${pid} with ${how}"
+  service_stop "${STOP_TIMEOUT}" "${OPT_KILL}" "${pid}"
   rm -f "${INST_DIR}/prometheus.pid"
 }
 
@@ -352,7 +260,7 @@ cmd_status() {
     say "'${NAME}': stopped"
     return 3
   fi
-  if http_get "http://127.0.0.1:${port}/-/ready" >/dev/null 2>&1; then
+  if ready "${port}"; then
     say "'${NAME}': running (pid ${pid}) on 127.0.0.1:${port}, config $(cat "${INST_DIR}/config" 2>/dev/null || printf '?')"
     printf 'url=http://127.0.0.1:%s\n' "${port}"
     return 0
@@ -371,10 +279,7 @@ cmd_reload() {
 cmd_logs() {
   parse_opts "$@"
   [[ -f "${INST_DIR}/prometheus.log" ]] || die "no log yet for '${NAME}'"
-  if ((OPT_FOLLOW)); then
-    exec tail -n "${OPT_LINES}" -F "${INST_DIR}/prometheus.log"
-  fi
-  tail -n "${OPT_LINES}" "${INST_DIR}/prometheus.log"
+  service_logs "${INST_DIR}/prometheus.log"
 }
 
 cmd_clean() {
@@ -388,21 +293,4 @@ cmd_clean() {
   fi
 }
 
-main() {
-  local cmd="${1:-}"
-  (($# > 0)) && shift
-  case "${cmd}" in
-    install) cmd_install "$@" ;;
-    start) cmd_start "$@" ;;
-    stop) cmd_stop "$@" ;;
-    status) cmd_status "$@" ;;
-    reload) cmd_reload "$@" ;;
-    logs) cmd_logs "$@" ;;
-    clean) cmd_clean "$@" ;;
-    -h | --help | help) usage ;;
-    "") usage >&2; exit 2 ;;
-    *) die "unknown command '${cmd}' (see --help)" ;;
-  esac
-}
-
-main "$@"
+service_main "$@"

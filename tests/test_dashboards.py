@@ -582,6 +582,9 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 and len(live.query("modelpulse_dead_lettered_total > 0")) >= 2
                 and len(live.query('modelpulse_dead_lettered_total{reason="late"} > 0')) > 0
                 and len(live.query("modelpulse_folded_total > 0")) > 0
+                # Recorded per-segment ratios: a rule evaluation after a live pane closed.
+                and len(live.query("model_segment:accuracy:ratio5m")) > 0
+                and len(live.query("model_segment:mae:ratio5m")) > 0
             )
 
         wait_until(ready, 75, "every metric the dashboards show in Prometheus", shards)

@@ -30,6 +30,7 @@ from aggregator import quality
 from aggregator.quality import (
     ClassificationMetrics,
     calibration_errors,
+    class_count_metrics,
     classification_metrics,
     estimated_accuracy,
     histogram_quantiles,
@@ -46,7 +47,9 @@ NAN = math.nan
 def test_public_names_are_pinned() -> None:
     assert set(quality.__all__) == {
         "ClassificationMetrics",
+        "SegmentMetrics",
         "calibration_errors",
+        "class_count_metrics",
         "classification_metrics",
         "estimated_accuracy",
         "histogram_quantiles",
@@ -218,6 +221,30 @@ _PER_CLASS = {
     "false_negative_rate",
     "present",
 }
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(
+        np.int64,
+        st.tuples(st.integers(1, 3), st.integers(1, 5)).map(lambda s: (s[0], s[1], s[1])),
+        elements=st.integers(0, 6),
+    )
+)
+def test_class_counts_give_the_confusion_matrix_measures(stack: NDArray[np.int64]) -> None:
+    """Row sums, column sums and the diagonal are all accuracy/precision/recall/F1 need:
+    the per-segment counters give what the full matrix would."""
+    full = classification_metrics(stack)
+    counts = class_count_metrics(
+        stack.sum(axis=-1), stack.sum(axis=-2), np.diagonal(stack, axis1=-2, axis2=-1)
+    )
+    for field in ("accuracy", "precision", "recall", "f1"):
+        np.testing.assert_array_equal(getattr(counts, field), getattr(full, field), err_msg=field)
+
+
+def test_class_counts_must_have_one_shape() -> None:
+    with pytest.raises(ValueError, match="actual, predicted, correct"):
+        class_count_metrics([1, 2], [1, 2], [1])
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 3), (2, 3, 4)])

@@ -82,7 +82,7 @@ def _events(seed: int, n: int) -> list[Row]:
                 pred,
                 float(rng.random()),
                 label,
-                None,
+                [None, "s1", "s2", "s3"][int(rng.integers(4))],
                 {"f": float(rng.normal())},
                 "",
             )
@@ -237,10 +237,10 @@ def test_reference_file_sets_drift_baseline(tmp_path: Path) -> None:
 
 
 def _old_format_snapshot(
-    state: PartitionState, drop: tuple[str, ...]
+    state: PartitionState, drop: tuple[str, ...], state_format: int | None = None
 ) -> tuple[bytes, dict[str, Any]]:
-    """``state``'s snapshot as the code before the calibration arrays wrote it: without
-    ``drop`` and with the digest of that code (no ``state_format`` field)."""
+    """``state``'s snapshot as older code wrote it: without ``drop`` and with the digest
+    of that code (before the calibration arrays: no ``state_format`` field)."""
     data = state.to_bytes()
     size = int.from_bytes(data[:4], "big")
     meta = json.loads(data[4 : 4 + size])
@@ -249,6 +249,8 @@ def _old_format_snapshot(
     fields = dataclasses.asdict(state.config)
     for name in ("reference_samples", "max_name_length", "max_rows_per_envelope"):
         fields.pop(name)
+    if state_format is not None:
+        fields["state_format"] = state_format
     doc = json.dumps(fields, sort_keys=True, default=list)
     meta["config"] = hashlib.sha256(doc.encode()).hexdigest()[:16]
 
@@ -278,3 +280,27 @@ def test_a_snapshot_without_the_calibration_arrays_takes_the_config_changed_path
     restored = PartitionState.from_bytes(state.to_bytes(), CONFIG)
     _same(state, restored)
     assert int(restored.cum["cal"].sum()) > 0 and int(restored.cum["est"].sum()) > 0
+
+
+def test_a_snapshot_without_the_segment_arrays_takes_the_config_changed_path() -> None:
+    """Format 2 (before quality per segment) is refused the same way as format 1."""
+    state = _run(CHUNKS, [])
+    assert STATE_FORMAT >= 3
+    new = ("seg_cls", "seg_lab", "seg_abs", "seg_sq", "pane_of_open", "open_closed")
+    old, parts = _old_format_snapshot(state, new, state_format=2)
+    assert parts["meta"]["config"] != CONFIG.digest()
+    with pytest.raises(ConfigMismatch, match="--rebuild-state"):
+        PartitionState.from_bytes(old, CONFIG)
+    same_digest = parts["pack"]({**parts["meta"], "config": CONFIG.digest()})
+    with pytest.raises(ConfigMismatch, match=r"lacks .*seg_"):
+        PartitionState.from_bytes(same_digest, CONFIG)
+    restored = PartitionState.from_bytes(state.to_bytes(), CONFIG)
+    _same(state, restored)
+    assert int(restored.cum["seg_cls"].sum()) > 0 and int(restored.cum["seg_lab"].sum()) > 0
+    assert float(restored.cum["seg_sq"].sum()) > 0
+    # The still-open panes travel too: closing them after a restore adds the same counts.
+    for s in (state, restored):
+        s.ingest([Marker(10**6, s.max_event_ms + 60_000)], np.array([10**6]),
+                 np.array([2 * 10**12]), 10**6 + 1)  # fmt: skip
+    _same(state, restored)
+    assert (state.open_closed).all()
