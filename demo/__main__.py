@@ -166,6 +166,7 @@ def _alerts(prometheus_url: str | None) -> str:
     try:
         alerts = _get(prometheus_url, "/api/v1/alerts")["alerts"]
         labelled = _by_model(prometheus_url, "model:labelled_predictions:increase5m")
+        labelled_1h = _by_model(prometheus_url, "model:labelled_predictions:increase1h")
         upper = _by_model(prometheus_url, "max by (model) (model:accuracy:wilson_upper5m)")
     except (OSError, ValueError, KeyError):
         return " alerts: Prometheus not answering yet"
@@ -177,16 +178,17 @@ def _alerts(prometheus_url: str | None) -> str:
     lines = [" alerts: " + (", ".join(parts) if parts else "none firing")]
     state = {(a["labels"].get("alertname"), a["labels"].get("model")): a["state"] for a in alerts}
     lines.append(
-        f" {'accuracy alerts':<19}{'plain ' + PLAIN:<28}{'gated ' + GATED:<40}labelled/5m"
-        "  accuracy <= (95%)"
+        f" {'accuracy alerts':<19}{'plain ' + PLAIN:<28}{'gated ' + GATED:<40}"
+        f"{'labelled 5m / 1h':>19}{'accuracy <= (95%, 5m)':>23}"
     )
     for model in GATE_MODELS:
-        n = labelled.get(model)
-        note = "" if n is None or n >= MIN_SAMPLE else f" (< {MIN_SAMPLE}: too few to judge)"
+        n, n_1h = labelled.get(model), labelled_1h.get(model)
+        few = max(n or 0, n_1h or 0) < MIN_SAMPLE
+        note = f"  both < {MIN_SAMPLE} labelled: the gate holds" if n and few else ""
         plain, gated = state.get((PLAIN, model), "-"), state.get((GATED, model), "-")
         lines.append(
-            f"   {model:<17}{plain:<28}{gated:<40}"
-            f"{_fmt(n, '11.0f')}{_fmt(upper.get(model), '19.3f')}{note}"
+            f"   {model:<17}{plain:<28}{gated:<40}{_fmt(n, '10.0f')} /{_fmt(n_1h, '7.0f')}"
+            f"{_fmt(upper.get(model), '23.3f')}{note}"
         )
     return "\n".join(lines)
 
