@@ -188,7 +188,7 @@ def _alerts(prometheus_url: str | None) -> str:
         plain, gated = state.get((PLAIN, model), "-"), state.get((GATED, model), "-")
         lines.append(
             f"   {model:<17}{plain:<28}{gated:<40}{_fmt(n, '10.0f')} /{_fmt(n_1h, '7.0f')}"
-            f"{_fmt(upper.get(model), '23.3f')}{note}"
+            f"{_fmt(None if few else upper.get(model), '23.3f')}{note}"
         )
     return "\n".join(lines)
 

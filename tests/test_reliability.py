@@ -1742,7 +1742,12 @@ def test_max_series_caps_the_shard_not_each_partition(
     case per model version), so a shard that owned P partitions exposed up to P x
     max_series lines, and heartbeat series did not count at all. Now the whole render
     is capped; what is left out is counted, and counting itself stays exact."""
-    partitions, max_series = 3, 20_000
+    # Enough partitions that the per-partition memory bound (max_series // the worst
+    # case per model version, about 18 versions) times the real lines of a version
+    # (~280) exceeds the shard's cap: only the per-shard cap keeps /metrics under it.
+    partitions, max_series = 6, 20_000
+    per_partition = AggregatorSettings(max_series=max_series).state_config().limits
+    assert partitions * per_partition.max_model_versions * 250 > max_series
     t = T0_MS / 1000 + 1
     rng = random.Random(5)
     values = []
