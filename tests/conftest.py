@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from kafka_util import (
     start_local_cluster,
     unique,
 )
+from shards import ShardProcess, free_port, shard_args
 
 TEST_CLUSTER = "pytest"
 TEST_PORT = int(os.environ.get("MODELPULSE_TEST_KAFKA_PORT", "39092"))
@@ -111,3 +113,24 @@ def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
         return create_topic(kafka_bootstrap, unique(prefix), partitions, **config)
 
     return make
+
+
+@pytest.fixture
+def shard_factory(tmp_path: Path) -> Iterator[Callable[..., ShardProcess]]:
+    """``make(bootstrap, topic, **flags)`` starts an aggregator shard process (flags as
+    ``shards.shard_args`` takes them); every shard it started is killed at the end."""
+    started: list[ShardProcess] = []
+
+    def make(bootstrap: str, topic: str, **overrides: Any) -> ShardProcess:
+        n = len(started)
+        shard = ShardProcess(
+            shard_args(bootstrap, topic, shard_id=f"s{n}", **overrides),
+            free_port(),
+            tmp_path / f"shard{n}.log",
+        ).start()
+        started.append(shard)
+        return shard
+
+    yield make
+    for s in started:
+        s.kill()

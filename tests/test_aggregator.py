@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,8 @@ from kafka_util import consume_all
 from shards import (
     Samples,
     ShardProcess,
-    free_port,
     merged,
     send_markers,
-    shard_args,
     total,
     wait_assigned,
     wait_until,
@@ -82,22 +81,11 @@ def _generate(seed: int = 11, per_model: int = 1500) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def shard_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., ShardProcess]]:
-    started: list[ShardProcess] = []
-
-    def make(topic: str, **overrides: Any) -> ShardProcess:
-        n = len(started)
-        shard = ShardProcess(
-            shard_args(kafka_bootstrap, topic, shard_id=f"s{n}", **overrides),
-            free_port(),
-            tmp_path / f"shard{n}.log",
-        ).start()
-        started.append(shard)
-        return shard
-
-    yield make
-    for s in started:
-        s.kill()
+def start_shard(
+    kafka_bootstrap: str, shard_factory: Callable[..., ShardProcess]
+) -> Callable[..., ShardProcess]:
+    """``start_shard(topic, **flags)``: a shard on the session's broker (conftest's factory)."""
+    return functools.partial(shard_factory, kafka_bootstrap)
 
 
 def _row(e: dict[str, Any]) -> Row:
@@ -165,10 +153,10 @@ def _gauge(samples: Samples, name: str, **labels: str) -> float | None:
 def test_windowed_metrics_equal_sklearn_over_two_shards(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     topic = topic_factory("exact", partitions=2)
-    shards = [shard_factory(topic), shard_factory(topic)]
+    shards = [start_shard(topic), start_shard(topic)]
     wait_assigned(shards, 2)
     events = _generate()
     late = [dict(e, event_time=T0_MS / 1000 + 0.5) for e in events[:: len(events) // 12]][:12]
@@ -330,12 +318,12 @@ def test_windowed_metrics_equal_sklearn_over_two_shards(
 def test_bad_input_is_dead_lettered_and_the_shard_keeps_counting(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     from confluent_kafka import Producer
 
     topic = topic_factory("poison")
-    shard = shard_factory(topic, max_future="1h")
+    shard = start_shard(topic, max_future="1h")
     t = T0_MS / 1000 + 1
 
     def row(**kw: Any) -> Row:
@@ -443,13 +431,13 @@ def test_bad_configuration_is_refused_naming_the_flag(tmp_path: Path) -> None:
 def test_heartbeats_and_idle_markers(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     """Resource heartbeats become gauges; an idle partition's windows still close."""
     from producer import PredictionPublisher, PublisherSettings
 
     topic = topic_factory("idle")
-    shard = shard_factory(topic, idle_timeout="2s", max_future="1h")
+    shard = start_shard(topic, idle_timeout="2s", max_future="1h")
     wait_assigned([shard], 1)
     settings = PublisherSettings(
         bootstrap_servers=kafka_bootstrap,
@@ -491,12 +479,12 @@ def test_heartbeats_and_idle_markers(
 def test_cardinality_caps_fold_into_overflow(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     from confluent_kafka import Producer
 
     topic = topic_factory("caps")
-    shard = shard_factory(topic, max_models=5, max_classes=4, max_series=20_000)
+    shard = start_shard(topic, max_models=5, max_classes=4, max_series=20_000)
     t = T0_MS / 1000
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     rows = [
@@ -542,12 +530,12 @@ def test_cardinality_caps_fold_into_overflow(
 def test_changed_config_refuses_the_snapshot_unless_rebuilding(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     from confluent_kafka import Producer
 
     topic = topic_factory("config")
-    first = shard_factory(topic)
+    first = start_shard(topic)
     wait_assigned([first], 1)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for i in range(10):
@@ -564,11 +552,11 @@ def test_changed_config_refuses_the_snapshot_unless_rebuilding(
         [first],
     )
     assert first.terminate() == 0
-    changed = shard_factory(topic, pane="2s", windows="4s,10s", drift_reference="4s")
+    changed = start_shard(topic, pane="2s", windows="4s,10s", drift_reference="4s")
     assert changed.proc is not None
     assert changed.proc.wait(60) == 1
     assert "snapshot made with config" in changed.log_path.read_text()
-    rebuilt = shard_factory(
+    rebuilt = start_shard(
         topic, pane="2s", windows="4s,10s", drift_reference="4s", rebuild_state=True
     )
     wait_until(
@@ -579,7 +567,7 @@ def test_changed_config_refuses_the_snapshot_unless_rebuilding(
 def test_a_backlog_larger_than_one_ingest_is_counted_exactly(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     """A shard that starts behind gets huge consumed batches, ingested in bounded groups."""
     from confluent_kafka import Producer
@@ -607,7 +595,7 @@ def test_a_backlog_larger_than_one_ingest_is_counted_exactly(
         producer.produce(topic, encode_batch(rows), b"m")
     assert producer.flush(30) == 0
     send_markers(kafka_bootstrap, topic, 1, T0_MS + 60_000)
-    shard = shard_factory(topic)
+    shard = start_shard(topic)
     s = wait_until(
         lambda: (
             (x := shard.scrape()) and total(x, "modelpulse_events_total") == n_env * rows_per and x

@@ -12,9 +12,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,6 @@ from kafka_util import consume_all, create_topic, kafka_script, start_local_clus
 from shards import (
     Samples,
     ShardProcess,
-    free_port,
     send_markers,
     shard_args,
     total,
@@ -54,26 +52,6 @@ def _counted(shard: ShardProcess, predictions: int, dead: int) -> Samples | None
 
 # The bound the README and RELIABILITY.md promise, plus interpreter teardown.
 EXIT_BOUND_S = SHUTDOWN_BOUND_SECONDS + 5.0
-
-
-@pytest.fixture
-def shard_factory(tmp_path: Path) -> Iterator[Callable[..., ShardProcess]]:
-    """``make(bootstrap, topic, **flags)`` starts a shard; all are killed at the end."""
-    started: list[ShardProcess] = []
-
-    def make(bootstrap: str, topic: str, **overrides: Any) -> ShardProcess:
-        n = len(started)
-        shard = ShardProcess(
-            shard_args(bootstrap, topic, shard_id=f"s{n}", **overrides),
-            free_port(),
-            tmp_path / f"shard{n}.log",
-        ).start()
-        started.append(shard)
-        return shard
-
-    yield make
-    for s in started:
-        s.kill()
 
 
 @pytest.mark.parametrize("attempt", range(3))

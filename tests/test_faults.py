@@ -7,11 +7,11 @@ with their state. Long mode (``--long``) runs more events and more kills.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -19,10 +19,8 @@ from confluent_kafka import Producer
 from shards import (
     Samples,
     ShardProcess,
-    free_port,
     merged,
     send_markers,
-    shard_args,
     total,
     wait_assigned,
     wait_until,
@@ -37,22 +35,11 @@ CLASSES = ["a", "b", "c"]
 
 
 @pytest.fixture
-def shard_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., ShardProcess]]:
-    started: list[ShardProcess] = []
-
-    def make(topic: str) -> ShardProcess:
-        n = len(started)
-        shard = ShardProcess(
-            shard_args(kafka_bootstrap, topic, shard_id=f"s{n}", snapshot_interval="500ms"),
-            free_port(),
-            tmp_path / f"shard{n}.log",
-        ).start()
-        started.append(shard)
-        return shard
-
-    yield make
-    for s in started:
-        s.kill()
+def start_shard(
+    kafka_bootstrap: str, shard_factory: Callable[..., ShardProcess]
+) -> Callable[..., ShardProcess]:
+    """``start_shard(topic, **flags)``: a shard on the session's broker (conftest's factory)."""
+    return functools.partial(shard_factory, kafka_bootstrap, snapshot_interval="500ms")
 
 
 class Stream:
@@ -147,12 +134,12 @@ def _finish(bootstrap: str, topic: str, shards: list[ShardProcess], stream: Stre
 def test_sigkill_of_a_shard_mid_stream_loses_and_duplicates_nothing(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
     request: pytest.FixtureRequest,
 ) -> None:
     long = request.config.getoption("--long")
     topic = topic_factory("kill", partitions=PARTITIONS)
-    shards = [shard_factory(topic), shard_factory(topic)]
+    shards = [start_shard(topic), start_shard(topic)]
     wait_assigned(shards, PARTITIONS)
     stream = Stream(rounds=60 if long else 24, per_model=1000 if long else 400)
     stop = threading.Event()
@@ -169,7 +156,7 @@ def test_sigkill_of_a_shard_mid_stream_loses_and_duplicates_nothing(
         )
         victim = next(s for s in reversed(shards) if s.alive())
         victim.kill()
-        shards.append(shard_factory(topic))
+        shards.append(start_shard(topic))
     producer.join(300)
     assert not producer.is_alive()
     samples = _finish(kafka_bootstrap, topic, shards, stream)
@@ -179,10 +166,10 @@ def test_sigkill_of_a_shard_mid_stream_loses_and_duplicates_nothing(
 def test_shards_joining_and_leaving_keep_counts_exact(
     kafka_bootstrap: str,
     topic_factory: Callable[..., str],
-    shard_factory: Callable[..., ShardProcess],
+    start_shard: Callable[..., ShardProcess],
 ) -> None:
     topic = topic_factory("rebalance", partitions=PARTITIONS)
-    shards = [shard_factory(topic), shard_factory(topic)]
+    shards = [start_shard(topic), start_shard(topic)]
     wait_assigned(shards, PARTITIONS)
     stream = Stream(rounds=24, per_model=400)
     stop = threading.Event()
@@ -191,7 +178,7 @@ def test_shards_joining_and_leaving_keep_counts_exact(
     )
     producer.start()
     wait_until(lambda: stream.sent_rounds >= 6, 120, "progress")
-    third = shard_factory(topic)  # joins: partitions move with their snapshots
+    third = start_shard(topic)  # joins: partitions move with their snapshots
     shards.append(third)
     wait_assigned(shards, PARTITIONS)
     wait_until(lambda: stream.sent_rounds >= 14, 120, "progress")

@@ -52,7 +52,6 @@ from reliability_util import (
 from shards import (
     Samples,
     ShardProcess,
-    free_port,
     merged,
     parse_metrics,
     send_markers,
@@ -101,26 +100,6 @@ def _test_settings(**overrides: Any) -> AggregatorSettings:
 
 
 LATENCY_BOUNDS = _test_settings().state_config().latency_bounds
-
-
-@pytest.fixture
-def shard_factory(tmp_path: Path) -> Iterator[Callable[..., ShardProcess]]:
-    """``make(bootstrap, topic, **flags)`` starts a shard; all are killed at the end."""
-    started: list[ShardProcess] = []
-
-    def make(bootstrap: str, topic: str, **overrides: Any) -> ShardProcess:
-        n = len(started)
-        shard = ShardProcess(
-            shard_args(bootstrap, topic, shard_id=f"s{n}", **overrides),
-            free_port(),
-            tmp_path / f"shard{n}.log",
-        ).start()
-        started.append(shard)
-        return shard
-
-    yield make
-    for s in started:
-        s.kill()
 
 
 # =====================================================================================
