@@ -178,7 +178,7 @@ def _alerts(prometheus_url: str | None) -> str:
     lines = [" alerts: " + (", ".join(parts) if parts else "none firing")]
     state = {(a["labels"].get("alertname"), a["labels"].get("model")): a["state"] for a in alerts}
     lines.append(
-        f" {'accuracy alerts':<19}{'plain ' + PLAIN:<28}{'gated ' + GATED:<40}"
+        f" {'accuracy alerts':<19}{'plain ' + PLAIN:<24}{'gated ' + GATED:<35}"
         f"{'labelled 5m / 1h':>19}{'accuracy <= (95%, 5m)':>23}"
     )
     for model in GATE_MODELS:
@@ -187,7 +187,7 @@ def _alerts(prometheus_url: str | None) -> str:
         note = f"  both < {MIN_SAMPLE} labelled: the gate holds" if n and few else ""
         plain, gated = state.get((PLAIN, model), "-"), state.get((GATED, model), "-")
         lines.append(
-            f"   {model:<17}{plain:<28}{gated:<40}{_fmt(n, '10.0f')} /{_fmt(n_1h, '7.0f')}"
+            f"   {model:<17}{plain:<24}{gated:<35}{_fmt(n, '10.0f')} /{_fmt(n_1h, '7.0f')}"
             f"{_fmt(None if few else upper.get(model), '23.3f')}{note}"
         )
     return "\n".join(lines)
