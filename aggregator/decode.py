@@ -63,6 +63,7 @@ _KINDS: Final = {
     "io.modelpulse.ResourceHeartbeat": SchemaId.RESOURCE_HEARTBEAT,
     "io.modelpulse.LabelFeedback": SchemaId.LABEL_FEEDBACK,
     "io.modelpulse.WatermarkMarker": SchemaId.WATERMARK_MARKER,
+    "io.modelpulse.DriftReference": SchemaId.DRIFT_REFERENCE,
 }
 
 
@@ -195,10 +196,17 @@ def decode_batch(
     feats = _column(record["features"], FLOAT_DTYPE, n * len(names), "features", optional=True)
     if feats.size:
         present = ~np.isnan(feats)
-        flat = np.flatnonzero(present)
-        feat_row = flat // len(names)
-        feat_code = (flat % len(names)).astype(np.int32)
-        feat_value = feats[flat]
+        if present.all():  # the common case: no gather, the column itself
+            flat = np.arange(feats.size)
+            feat_value = feats
+        else:
+            flat = np.flatnonzero(present)
+            feat_value = feats[flat]
+        if len(names) == 1:
+            feat_row, feat_code = flat, np.zeros(flat.size, dtype=np.int32)
+        else:
+            feat_row = flat // len(names)
+            feat_code = (flat % len(names)).astype(np.int32)
     else:
         feat_row, feat_code, feat_value = np.empty(0, np.int64), _EMPTY_I4, _EMPTY_F8
     segments = list(record["segments"])

@@ -25,7 +25,7 @@ many lines (logged once per reason):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Final
@@ -46,6 +46,7 @@ from aggregator.quality import (
     regression_metrics,
     wasserstein_distance,
 )
+from aggregator.references import ReferenceUse, TrainingReference, resolve_references
 from aggregator.state import (
     CALIBRATION_BINS,
     DRIFT_CENTERS,
@@ -318,11 +319,14 @@ def build_families(
     health: ShardHealth | None = None,
     *,
     max_series: int | None = None,
+    references: Mapping[tuple[str, str], TrainingReference] | None = None,
 ) -> list[Family]:
     """Every family this shard exports, for the partitions it owns now.
 
     With ``max_series``, the sample lines of the render stay within it (see the
     module docstring for what is left out first); without, nothing is left out.
+    ``references``: training references by (model, version or "*"), used by the drift
+    gauges in place of the state's own (``aggregator.references``).
     """
     views = _distinct_partitions(views)
     cols = _Columns()
@@ -333,7 +337,7 @@ def build_families(
         owners = np.arange(base, base + m, dtype=np.int64)
         first_seen += [(e[3], v.partition, i) for i, e in enumerate(v.entries)]
         base += m
-        _model_rows(v, config, owners, cols)
+        _model_rows(v, config, owners, cols, references or {})
         _partition_rows(v, config, cols)
     resources = _latest_resources(views)
     for j, (si, r) in enumerate(resources):
@@ -436,11 +440,25 @@ def _log_drop(reason: str, max_series: int, units: int, lines: int) -> None:
     )
 
 
-def _model_rows(v: StateView, config: StateConfig, owners: np.ndarray, cols: _Columns) -> None:
+def _model_rows(
+    v: StateView,
+    config: StateConfig,
+    owners: np.ndarray,
+    cols: _Columns,
+    references: Mapping[tuple[str, str], TrainingReference] | None = None,
+) -> None:
     """Series of each model version of ``v``, owned by its unit in ``owners``."""
     mvl = _mv_labels(v)
     if not mvl:
         return
+    use = resolve_references(v, config, references or {})
+    with_ref = [i for i, src in enumerate(use.source) if src]
+    cols.extend(
+        "model_drift_reference_info",
+        [(*mvl[i], use.source[i]) for i in with_ref],
+        1.0,
+        owners[with_ref],
+    )
     cum = v.cum
     regression = np.array([e[2] for e in v.entries], dtype=bool)
     classes = [e[4] for e in v.entries]
@@ -499,7 +517,7 @@ def _model_rows(v: StateView, config: StateConfig, owners: np.ndarray, cols: _Co
     # such names, and the per-class rows leave them out in case a view still has one.
     not_macro = np.array([[n != MACRO for n in names] for names in classes], dtype=bool)
     for w in v.windows:
-        _window_rows(v, w, config, mvl, regression, not_macro, owners, cols)
+        _window_rows(v, w, config, mvl, regression, not_macro, owners, cols, use)
 
 
 def _segment_rows(
@@ -598,6 +616,7 @@ def _window_rows(
     not_macro: np.ndarray,
     owners: np.ndarray,
     cols: _Columns,
+    use: ReferenceUse,
 ) -> None:
     m = len(mvl)
     if not m or w.end_ms <= 0:  # no pane closed yet: no window to report
@@ -652,13 +671,14 @@ def _window_rows(
     ):
         cols.extend(fam, cls_labels, values[cls_idx], owners[cls_idx])
 
-    ref = v.has_reference
+    reference = use.reference
+    pred = use.prediction
     score_centers = score_bin_centers(config.score_bounds)
     for name, ref_hist, cur, which, centers in (
-        ("score", v.reference["score"], w.score[:m], ref, score_centers),
+        ("score", reference["score"], w.score[:m], use.score, score_centers),
         # Classes have no order: KS and W1 would depend on the order names were seen.
-        ("prediction", v.reference["pred_class"], w.pred_class[:m], ref & classification, None),
-        ("prediction_value", v.reference["pred_hist"], w.pred_hist[:m], ref & regression,
+        ("prediction", reference["pred_class"], w.pred_class[:m], pred & classification, None),
+        ("prediction_value", reference["pred_hist"], w.pred_hist[:m], pred & regression,
          DRIFT_CENTERS),
     ):  # fmt: skip
         idx = np.flatnonzero(which)
@@ -677,9 +697,9 @@ def _window_rows(
             cols.extend("model_drift_score", labels, values, owners[idx])
     features = [[f"feature:{n}" if n else "" for n in e[5]] for e in v.entries]
     named = np.array([[bool(n) for n in fs] for fs in features], dtype=bool).reshape(m, -1)
-    mask = named & ref[:, None]
+    mask = named & use.features
     if mask.any():
-        r, c = v.reference["feat"], w.feat[:m]
+        r, c = reference["feat"], w.feat[:m]
         labels, (i, f) = _cells(mvl, features, mask, wl)
         for method, values in (
             ("psi", population_stability_index(r, c)),
@@ -810,6 +830,13 @@ _SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "gauge",
         "Drift of a distribution against the reference (psi, js, ks, wasserstein).",
         (*_W, "feature", "method"),
+    ),
+    (
+        "model_drift_reference_info",
+        "gauge",
+        "1 for the reference the drift scores of a model version use (training, file, "
+        "first_window).",
+        (*_MV, "source"),
     ),
     (
         "inference_cpu_usage_ratio",

@@ -62,6 +62,11 @@ class AggregatorSettings(KafkaConnection, BaseSettings):
         "modelpulse-state", description="Compacted topic of per-partition snapshots."
     )
     dead_letter_topic: str = Field("predictions-dlq", description="Where bad input goes.")
+    reference_topic: str = Field(
+        "modelpulse-references",
+        description="Compacted topic of drift references from training (producer."
+        "publish_reference), used in preference to the first window; empty: not read.",
+    )
     http_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
     http_port: int = Field(9464, ge=0, le=65535, description="Port of this shard's endpoints.")
     pane: str = Field("10s", description="Tumbling pane size (event time).")
@@ -244,7 +249,8 @@ class AggregatorSettings(KafkaConnection, BaseSettings):
             for b in (self.latency_buckets, self.score_buckets, self.error_buckets)
         )
         # ... + per segment: labelled rows and 3 counts a class (a regressor's 3 are fewer).
-        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist + 2 * CALIBRATION_BINS + s * (1 + 3 * c)
+        # ... + model_drift_reference_info.
+        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist + 2 * CALIBRATION_BINS + s * (1 + 3 * c) + 1
         # ... + ECE, Brier, estimated accuracy and its gap + drift: at most 4 methods
         # (psi, js, ks, wasserstein) x (score, prediction, each feature).
         per_window = 3 + 3 + 2 + 1 + 5 * (c + 1) + 4 + 4 * (f + 2)

@@ -42,6 +42,7 @@ from aggregator.decode import (
 from aggregator.errors import AggregatorError, ConfigMismatch, DecodeError
 from aggregator.exposition import LabelCache, render_payload
 from aggregator.metrics import ShardHealth, build_families
+from aggregator.references import ReferenceReader, TrainingReference
 from aggregator.server import MetricsServer
 from aggregator.settings import AggregatorSettings
 from aggregator.state import REJECT_REASONS, PartitionState, StateView
@@ -81,6 +82,10 @@ _SNAPSHOT_SECONDS = 10.0
 _FINAL_SNAPSHOT_SECONDS = 10.0
 _CLOSE_SECONDS = 8.0
 _FINAL_FLUSH_SECONDS = 2.0
+# The references reader is told to stop first and polls in 0.2 s steps, so this wait
+# normally finds it done; it is not part of the bound below for that reason.
+_REFERENCES_CLOSE_SECONDS = 1.0
+_REFERENCES_START_SECONDS = 10.0
 SHUTDOWN_BOUND_SECONDS = (
     _SNAPSHOT_SECONDS + _FINAL_SNAPSHOT_SECONDS + _CLOSE_SECONDS + _FINAL_FLUSH_SECONDS
 )
@@ -174,6 +179,7 @@ class _Renderer(threading.Thread):
                     self._shard.config,
                     health,
                     max_series=self._shard.settings.max_series,
+                    references=self._shard.training_references(),
                 )
                 payload = render_payload(families, self._cache)
                 self._shard.server.set_payload(payload.body, payload.gzip_body)
@@ -275,6 +281,17 @@ class Shard:
             **s.kafka,
         }
         self._admin = AdminClient({**base, "logger": log})
+        self._references = (
+            ReferenceReader(
+                s.reference_topic,
+                {**base, "client.id": f"modelpulse-{s.shard_id}-references", **s.kafka},
+                self.config,
+                s.schema_registry(),
+                group_id=f"{s.group_id}-references",
+            )
+            if s.reference_topic
+            else None
+        )
 
     # -- topics ------------------------------------------------------------------------
 
@@ -1039,10 +1056,17 @@ class Shard:
         """Ask the loop to finish: final snapshots, commit, leave the group."""
         self._stop.set()
 
+    def training_references(self) -> dict[tuple[str, str], TrainingReference]:
+        """Drift references from training read so far (empty without a reference topic)."""
+        return {} if self._references is None else self._references.references()
+
     def run(self, on_loop: Callable[[Shard], Any] | None = None) -> None:
         """Consume until ``stop()``; raises if a partition could not be restored."""
         s = self.settings
         self.ensure_topics()
+        if self._references is not None:
+            # Bounded: a shard whose references are late drifts against its first window.
+            self._references.start(wait_seconds=_REFERENCES_START_SECONDS)
         self.server.start()
         self._renderer.start()
         self.consumer.subscribe(
@@ -1086,6 +1110,8 @@ class Shard:
         SHUTDOWN_BOUND_SECONDS), so SIGTERM exits even while the group rebalances."""
         start = time.monotonic()
         self._closing = True
+        if self._references is not None:
+            self._references.stop()  # it winds down while the snapshot is written
         try:
             if self._fatal is None:
                 self._snapshot(force=True, timeout=_FINAL_SNAPSHOT_SECONDS)
@@ -1108,6 +1134,8 @@ class Shard:
         left = self.producer.flush(_FINAL_FLUSH_SECONDS)
         if left:
             log.warning("%d messages (markers) not flushed at exit", left)
+        if self._references is not None:
+            self._references.close(_REFERENCES_CLOSE_SECONDS)
         self.server.stop()
         log.info("stopped in %.1f s", time.monotonic() - start)
 

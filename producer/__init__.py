@@ -7,6 +7,7 @@
 
 from producer.errors import InvalidEvent, PublisherClosed, PublishError
 from producer.publisher import PredictionPublisher, PublisherStats, Tracker
+from producer.reference import ReferenceDoc, build_reference, publish_reference
 from producer.settings import PublisherSettings
 
 __all__ = [
@@ -16,5 +17,8 @@ __all__ = [
     "PublisherClosed",
     "PublisherSettings",
     "PublisherStats",
+    "ReferenceDoc",
     "Tracker",
+    "build_reference",
+    "publish_reference",
 ]

@@ -38,6 +38,11 @@ class PublisherSettings(KafkaConnection, BaseSettings):
         min_length=1,
         description="Topic of label() records; give it as many partitions as the topic.",
     )
+    reference_topic: str = Field(
+        "modelpulse-references",
+        min_length=1,
+        description="Compacted topic of drift references (publish_reference); created if missing.",
+    )
     mode: Literal["batch", "event"] = Field(
         "batch",
         description="batch: columnar envelopes (fast path); event: one Confluent-framed "

@@ -62,6 +62,7 @@ class SchemaId(IntEnum):
     RESOURCE_HEARTBEAT = 3
     LABEL_FEEDBACK = 4
     WATERMARK_MARKER = 5
+    DRIFT_REFERENCE = 6
 
 
 class WireFormatError(ValueError):
