@@ -294,6 +294,8 @@ def _dense(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         uniq, inverse = np.unique(keys, return_inverse=True)
         return uniq, inverse
     offset = keys - lo
+    if hi - lo <= 1:  # the min and the max are both present: nothing in between
+        return np.arange(lo, hi + 1, dtype=keys.dtype), offset
     present = np.bincount(offset, minlength=hi - lo + 1) > 0
     position = np.cumsum(present) - 1
     return np.flatnonzero(present) + lo, position[offset]
@@ -326,9 +328,61 @@ def _groups(
         yield group
 
 
+class _Buckets:
+    """``np.searchsorted(edges, x, "left")`` for histogram bounds, by table lookup.
+
+    When every edge is > 0, the top bits of a float64 (exponent and leading mantissa
+    bits) order non-negative values as the floats do, so they name a cell of a small
+    table holding, per cell, the count of edges below it; negative values clip to the
+    first cell, values past the last edge to the last one. With few enough bits that
+    no cell holds two edges, one comparison with the next edge finishes the count
+    exactly. A binary search costs a branch miss per step on random values; this is
+    one gather and one compare. Other edges (zero, negative, too dense for a table)
+    keep ``np.searchsorted``. NaN gets an in-range bin, not necessarily the last:
+    callers pass no NaN or mask those rows out.
+    """
+
+    MAX_TABLE: Final = 1 << 16
+
+    def __init__(self, edges: np.ndarray) -> None:
+        self.edges = edges = np.asarray(edges, dtype=np.float64)
+        self.table: np.ndarray | None = None
+        if not edges.size or edges[0] <= 0:
+            return
+        bits = edges.view(np.int64)
+        for shift in range(52, 0, -1):
+            keys = bits >> shift
+            if (int(keys[-1]) + 2) > self.MAX_TABLE:
+                return
+            if np.all(np.diff(keys) > 0):
+                break
+        self.shift = shift
+        self.last = int(keys[-1]) + 1  # its cell starts past the last edge
+        lows = (np.arange(self.last + 1, dtype=np.int64) << shift).view(np.float64)
+        self.table = np.searchsorted(edges, lows, "left")
+        self.next_edge = np.concatenate([edges, [np.inf]])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.table is None:
+            found: np.ndarray = np.searchsorted(self.edges, x, "left")
+            return found
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        cell = x.view(np.int64) >> self.shift
+        np.clip(cell, 0, self.last, out=cell)
+        r: np.ndarray = self.table[cell]
+        r += x > self.next_edge[r]
+        return r
+
+
+_CAL_BUCKETS: Final = _Buckets(_CAL_EDGES)
+
+
 def _drift_bin(values: np.ndarray) -> np.ndarray:
-    x = (np.arcsinh(values) + _DRIFT_RANGE) * (DRIFT_BINS / (2 * _DRIFT_RANGE))
-    bins: np.ndarray = np.clip(x, 0, DRIFT_BINS - 1).astype(np.int64)
+    x = np.arcsinh(values)  # then in place: a temporary fewer per step
+    x += _DRIFT_RANGE
+    x *= DRIFT_BINS / (2 * _DRIFT_RANGE)
+    np.clip(x, 0, DRIFT_BINS - 1, out=x)
+    bins: np.ndarray = x.astype(np.int64)
     return bins
 
 
@@ -392,6 +446,8 @@ class PartitionState:
         self.version = 0  # bumps whenever exported values may have changed
         self._lat_edges = np.asarray(c.latency_bounds)
         self._score_edges = np.asarray(c.score_bounds)
+        self._lat_buckets = _Buckets(self._lat_edges)
+        self._score_buckets = _Buckets(self._score_edges)
         self._err_edges = np.asarray(c.error_bounds)
         lim = c.limits
         self._tails: dict[str, tuple[int, ...]] = {
@@ -644,26 +700,33 @@ class PartitionState:
         takes the kind of its first informative candidate row and the event time of its
         first candidate row, both in log order: rejected rows never shape the catalog.
         """
+        n_keys = len(chunk.mv_keys)
+        cat = self.catalog
+        if n_keys == 1:  # an envelope: one model-version, no per-key bookkeeping
+            first = int(np.argmax(cand)) if cand.size else 0
+            if not cand.size or not cand[first]:
+                return np.full(len(chunk), -1, dtype=np.int64), np.zeros(len(chunk), dtype=bool)
+            informative = cand & (has_val | has_cls)
+            row = int(np.argmax(informative))
+            kind0 = bool(has_val[row]) if informative[row] else None
+            model, version = chunk.mv_keys[0]
+            g = cat.model_version(model, version, kind0, int(chunk.event_time_ms[first]))
+            self._grow(len(cat))
+            mv_one = np.full(len(chunk), -1, dtype=np.int64)
+            mv_one[cand] = g
+            return mv_one, cand & (has_cls if cat.entries[g].regression is True else has_val)
         idx = np.flatnonzero(cand)
         mv_out = np.full(len(chunk), -1, dtype=np.int64)
         if not idx.size:
             return mv_out, np.zeros(len(chunk), dtype=bool)
-        n_keys = len(chunk.mv_keys)
         keys = chunk.mv[idx]
-        if n_keys == 1:
-            firsts = idx[:1]
-        else:
-            _, at = np.unique(keys, return_index=True)
-            firsts = idx[np.sort(at)]  # first candidate row of each key, in log order
+        _, at = np.unique(keys, return_index=True)
+        firsts = idx[np.sort(at)]  # first candidate row of each key, in log order
         info = idx[has_val[idx] | has_cls[idx]]
         kind: dict[int, bool] = {}
         if info.size:
-            if n_keys == 1:
-                kind[0] = bool(has_val[info[0]])
-            else:
-                uk, at = np.unique(chunk.mv[info], return_index=True)
-                kind = dict(zip(uk.tolist(), has_val[info[at]].tolist(), strict=True))
-        cat = self.catalog
+            uk, at = np.unique(chunk.mv[info], return_index=True)
+            kind = dict(zip(uk.tolist(), has_val[info[at]].tolist(), strict=True))
         gid = np.full(n_keys, -1, dtype=np.int64)
         is_reg = np.zeros(n_keys, dtype=bool)
         for row in firsts.tolist():
@@ -710,58 +773,41 @@ class PartitionState:
         message_timestamps_ms: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Validate, then intern only what is accepted, then bin (see ``ingest``)."""
-        names = ("t", "lat", "out", "score", "off", "pv", "lv", "val", "cls", "why", "row")
+        names = ("t", "lat", "out", "score", "off")
         cols: dict[str, list[np.ndarray]] = {k: [] for k in names}
         chunks: list[tuple[int, RowChunk]] = []
         beats: list[tuple[int, dict[str, Any]]] = []
+        named: list[tuple[int, np.ndarray]] = []  # (first row, name reasons) of chunks
+        own: list[tuple[int, int, int]] = []  # (row, reason or -1, offset): not rows
         base = 0
         for item in items:
             if isinstance(item, RowChunk):
-                n = len(item)
-                pv = item.pred_value if item.pred_value.size else np.full(n, np.nan)
-                lv = item.label_value if item.label_value.size else np.full(n, np.nan)
-                if item.pred_code.size:
-                    has_cls = (item.pred_code >= 0) | (item.label_code >= 0)
-                else:
-                    has_cls = np.zeros(n, dtype=bool)
                 why = self._name_reasons(item)
-                for key, arr in (
-                    ("t", item.event_time_ms),
-                    ("lat", item.latency_seconds),
-                    ("out", item.outcome),
-                    ("score", item.score),
-                    ("off", item.offset),
-                    ("pv", pv),
-                    ("lv", lv),
-                    ("val", ~np.isnan(pv) | ~np.isnan(lv)),
-                    ("cls", has_cls),
-                    ("why", np.full(n, -1, dtype=np.int64) if why is None else why),
-                    ("row", np.ones(n, dtype=bool)),
-                ):
-                    cols[key].append(arr)
+                if why is not None:
+                    named.append((base, why))
+                cols["t"].append(item.event_time_ms)
+                cols["lat"].append(item.latency_seconds)
+                cols["out"].append(item.outcome)
+                cols["score"].append(item.score)
+                cols["off"].append(item.offset)
                 chunks.append((base, item))
-                base += n
+                base += len(item)
                 continue
             # A message that only moves the watermark (and, for a heartbeat, resources).
-            own = -1
+            reason_own = -1
             if isinstance(item, Heartbeat):
-                own, record = self._heartbeat(item.record)
+                reason_own, record = self._heartbeat(item.record)
                 beats.append((base, record))
                 t_ms = int(record["event_time_ms"])
             else:
                 t_ms = item.event_time_ms
+            own.append((base, reason_own, item.offset))
             for key, value in (
                 ("t", t_ms),
                 ("lat", 0.0),
                 ("out", 0),
                 ("score", np.nan),
                 ("off", item.offset),
-                ("pv", np.nan),
-                ("lv", np.nan),
-                ("val", False),
-                ("cls", False),
-                ("why", own),
-                ("row", False),
             ):
                 cols[key].append(np.array([value]))
             base += 1
@@ -770,8 +816,38 @@ class PartitionState:
         c = {k: np.concatenate(v) for k, v in cols.items()}
         t = c["t"].astype(np.int64)
         lat, out, score = c["lat"], c["out"].astype(np.int64), c["score"]
-        pv, lv, has_val, has_cls = c["pv"], c["lv"], c["val"], c["cls"]
-        is_row = c["row"]
+        # Columns most chunks lack (values of classifiers, classes of regressors): filled
+        # per chunk into arrays of the default, not concatenated from per-chunk fills.
+        pv = np.full(base, np.nan)
+        lv = np.full(base, np.nan)
+        has_cls = np.zeros(base, dtype=bool)
+        ts = np.empty(base, dtype=message_timestamps_ms.dtype)  # Kafka timestamp per row
+        for b0, chunk in chunks:
+            n = len(chunk)
+            if not n:
+                continue
+            part = slice(b0, b0 + n)
+            if chunk.pred_value.size:
+                pv[part] = chunk.pred_value
+            if chunk.label_value.size:
+                lv[part] = chunk.label_value
+            if chunk.pred_code.size:
+                has_cls[part] = (chunk.pred_code >= 0) | (chunk.label_code >= 0)
+            off = chunk.offset
+            if off[0] == off[-1] and bool((off == off[0]).all()):
+                # An envelope's rows share one message: one lookup, not one per row.
+                ts[part] = message_timestamps_ms[np.searchsorted(message_offsets, off[0])]
+            else:
+                ts[part] = message_timestamps_ms[np.searchsorted(message_offsets, off)]
+        has_val = ~np.isnan(pv) | ~np.isnan(lv)  # NaN for markers and heartbeats: False
+        is_row = np.ones(base, dtype=bool)
+        why_all = np.full(base, -1, dtype=np.int64)
+        for at, why in named:
+            why_all[at : at + why.size] = why
+        for at, code, offset in own:
+            is_row[at] = False
+            why_all[at] = code
+            ts[at] = message_timestamps_ms[np.searchsorted(message_offsets, offset)]
 
         reason = np.full(base, -1, dtype=np.int64)
         # Checks that need neither the catalog nor the watermark. Later assignments win,
@@ -781,10 +857,9 @@ class PartitionState:
         reason[(score < 0) | (score > 1)] = _R_SCORE
         reason[out >= _VALID_OUTCOMES] = _R_OUTCOME
         reason[~((lat >= 0) & (lat <= MAX_ABS_VALUE))] = _R_LATENCY
-        named = c["why"] >= 0
-        reason[named] = c["why"][named]
-        reason[~is_row] = c["why"][~is_row]  # markers and heartbeats: their own checks only
-        ts = message_timestamps_ms[np.searchsorted(message_offsets, c["off"])]
+        bad_name = why_all >= 0
+        reason[bad_name] = why_all[bad_name]
+        reason[~is_row] = why_all[~is_row]  # markers and heartbeats: their own checks only
         reason[(t < 0) | (t > ts + self.config.max_future_ms)] = _R_TIME
         valid = reason < 0
         cfg = self.config
@@ -819,7 +894,10 @@ class PartitionState:
                     pred[part], label[part] = self._lookup(
                         g, chunk.classes, (chunk.pred_code, chunk.label_code), acc, "classes"
                     )
-                (seg[part],) = self._lookup(g, chunk.segments, (chunk.segment,), acc, "segments")
+                if chunk.segments:  # no names: every code is -1, as ``seg`` already is
+                    (seg[part],) = self._lookup(
+                        g, chunk.segments, (chunk.segment,), acc, "segments"
+                    )
                 if f_acc is not None:
                     (fid,) = self._lookup(
                         g, chunk.feature_names, (chunk.feat_code,), f_acc, "features"
@@ -917,48 +995,65 @@ class PartitionState:
         tmp: dict[str, np.ndarray] = {}
 
         def count(
-            name: str, idx: np.ndarray, width: int, weights: np.ndarray | None = None
+            name: str,
+            idx: np.ndarray,
+            width: int,
+            weights: np.ndarray | None = None,
+            mask: np.ndarray | None = None,
         ) -> None:
-            shape = (len(panes), m, *self._tails[name])
-            flat = np.bincount(idx, weights=weights, minlength=cells * width)
-            tmp[name] = (
-                flat.reshape(shape) if weights is not None else flat.astype(np.int64).reshape(shape)
+            """Bin ``idx`` (``weights`` summed, else counted) into ``tmp[name]``.
+
+            With ``mask``, ``idx`` spans all rows (in range everywhere) and only rows
+            where it is set count: as a 0/1 weight, or ``weights`` already zero there.
+            A boolean selection costs a branch miss per row when the mask is random
+            (labels, scores); a weight of 0 adds exactly nothing, so the sums stay
+            bit-identical. Arrays with no rows at all are left out of ``tmp``.
+            """
+            if not idx.size:
+                return
+            flat = np.bincount(
+                idx, weights=mask if weights is None else weights, minlength=cells * width
             )
+            if weights is None:
+                flat = flat.astype(np.int64, copy=False)
+            tmp[name] = flat.reshape((len(panes), m, *self._tails[name]))
 
         out = out_all[rows]
         count("outcome", um * N_OUTCOMES + out, N_OUTCOMES)
         lat = lat_all[rows]
         nl = len(cfg.latency_bounds) + 1
-        count("lat", um * nl + np.searchsorted(self._lat_edges, lat, side="left"), nl)
+        count("lat", um * nl + self._lat_buckets(lat), nl)
         count("lat_sum", um, 1, lat)
 
         score = score_all[rows]
         has = ~np.isnan(score)
+        # Valid scores are in [0, 1]: fmax turns only the missing ones (NaN) into 0.
+        score0 = np.fmax(score, 0.0)
         ns = len(cfg.score_bounds) + 1
-        count("score", um[has] * ns + np.searchsorted(self._score_edges, score[has], "left"), ns)
-        count("score_sum", um[has], 1, score[has])
+        count("score", um * ns + self._score_buckets(score), ns, mask=has)  # NaN: last bin
+        count("score_sum", um, 1, score0)
 
         ok = out == OK
         pred, label = c["pred"][rows], c["label"][rows]
         pv, lv = c["pv"][rows], c["lv"][rows]
         labelled = ok & ((label >= 0) | ~np.isnan(lv))
-        count("labelled", um[labelled], 1)
+        count("labelled", um, 1, mask=labelled)
 
         ncls = cfg.limits.max_classes
         both = ok & (label >= 0) & (pred >= 0)
-        count("conf", (um[both] * ncls + label[both]) * ncls + pred[both], ncls * ncls)
+        label0, pred0 = np.maximum(label, 0), np.maximum(pred, 0)  # in range where masked
+        count("conf", (um * ncls + label0) * ncls + pred0, ncls * ncls, mask=both)
         has_pred = ok & (pred >= 0)
         count("pred_class", um[has_pred] * ncls + pred[has_pred], ncls)
         scored = has_pred & has
-        count("est", um[scored], 1)
-        count("est_sum", um[scored], 1, score[scored])
+        count("est", um, 1, mask=scored)
+        count("est_sum", um, 1, score0 * scored)
         cal = both & has
-        p_cal = score[cal]
-        correct = (label[cal] == pred[cal]).astype(np.int64)
-        cal_bin = um[cal] * CALIBRATION_BINS + np.searchsorted(_CAL_EDGES, p_cal, "left")
-        count("cal", cal_bin * 2 + correct, CALIBRATION_BINS * 2)
-        count("cal_score", cal_bin, CALIBRATION_BINS, p_cal)
-        count("brier", um[cal], 1, np.square(p_cal - correct))
+        correct = label == pred
+        cal_bin = um * CALIBRATION_BINS + _CAL_BUCKETS(score)  # NaN: last bin
+        count("cal", cal_bin * 2 + correct, CALIBRATION_BINS * 2, mask=cal)
+        count("cal_score", cal_bin, CALIBRATION_BINS, score0 * cal)
+        count("brier", um, 1, np.square(score0 - correct) * cal)
 
         reg = ok & ~np.isnan(pv) & ~np.isnan(lv)
         err = pv[reg] - lv[reg]
@@ -973,45 +1068,48 @@ class PartitionState:
         nseg = cfg.limits.max_segments
         seg = c["seg"][rows]
         has_seg = seg >= 0
-        count("seg", um[has_seg] * nseg + seg[has_seg], nseg)
-        # Per segment (rows with a segment only, as "seg"): one bincount per array.
-        us = um * nseg + seg  # (pane, model-version, segment) cell; valid where has_seg
-        sb = both & has_seg
-        roles = len(SEGMENT_ROLES)
-        hit = sb & (label == pred)
-        cell = us * roles
-        count(
-            "seg_cls",
-            np.concatenate(
-                [
-                    (cell[sb] + 0) * ncls + label[sb],
-                    (cell[sb] + 1) * ncls + pred[sb],
-                    (cell[hit] + 2) * ncls + label[hit],
-                ]
-            ),
-            nseg * roles * ncls,
-        )
-        sr = reg & has_seg
-        seg_err = pv[sr] - lv[sr]
-        count("seg_lab", np.concatenate([us[sb], us[sr]]), nseg)
-        count("seg_abs", us[sr], nseg, np.abs(seg_err))
-        count("seg_sq", us[sr], nseg, seg_err * seg_err)
+        if has_seg.any():  # else the per-segment arrays get nothing: skip their passes
+            count("seg", um[has_seg] * nseg + seg[has_seg], nseg)
+            # Per segment (rows with a segment only, as "seg"): one bincount per array.
+            us = um * nseg + seg  # (pane, model-version, segment) cell; valid where has_seg
+            sb = both & has_seg
+            roles = len(SEGMENT_ROLES)
+            hit = sb & correct
+            cell = us * roles
+            count(
+                "seg_cls",
+                np.concatenate(
+                    [
+                        (cell[sb] + 0) * ncls + label[sb],
+                        (cell[sb] + 1) * ncls + pred[sb],
+                        (cell[hit] + 2) * ncls + label[hit],
+                    ]
+                ),
+                nseg * roles * ncls,
+            )
+            sr = reg & has_seg
+            seg_err = pv[sr] - lv[sr]
+            count("seg_lab", np.concatenate([us[sb], us[sr]]), nseg)
+            count("seg_abs", us[sr], nseg, np.abs(seg_err))
+            count("seg_sq", us[sr], nseg, seg_err * seg_err)
 
         # Features are in long form: (row in batch, feature id, value).
         nf = cfg.limits.max_features
-        row_of = np.full(keep.shape[0], -1, dtype=np.int64)
-        row_of[rows] = np.arange(mv.size)
         if feats:
             f_row = np.concatenate([f[0] for f in feats])
             f_id = np.concatenate([f[1] for f in feats])
             f_val = np.concatenate([f[2] for f in feats])
-            r = row_of[f_row] if f_row.size else f_row
-            sel = (r >= 0) & (f_id >= 0) & np.isfinite(f_val)
-            r, f_id, f_val = r[sel], f_id[sel], f_val[sel]
-            idx = (um[r] * nf + f_id) * DRIFT_BINS + _drift_bin(f_val)
-        else:
-            idx = np.empty(0, dtype=np.int64)
-        count("feat", idx, nf * DRIFT_BINS)
+            if isinstance(rows, slice):  # every row kept: batch rows are binned rows
+                r = f_row
+                sel = (f_id >= 0) & np.isfinite(f_val)
+            else:
+                row_of = np.full(keep.shape[0], -1, dtype=np.int64)
+                row_of[rows] = np.arange(mv.size)
+                r = row_of[f_row] if f_row.size else f_row
+                sel = (r >= 0) & (f_id >= 0) & np.isfinite(f_val)
+            if not sel.all():
+                r, f_id, f_val = r[sel], f_id[sel], f_val[sel]
+            count("feat", (um[r] * nf + f_id) * DRIFT_BINS + _drift_bin(f_val), nf * DRIFT_BINS)
 
         ring_size = cfg.ring
         for i, k in enumerate(panes.tolist()):
@@ -1027,7 +1125,8 @@ class PartitionState:
                 self.pane_of_slot[slot] = k
                 self.slot_closed[slot] = False
             for name in self._PANE_ARRAYS:
-                self.ring[name][slot] += tmp[name][i]
+                if name in tmp:
+                    self.ring[name][slot] += tmp[name][i]
             slot = k % self.open_slots
             if self.pane_of_open[slot] != k:
                 self._close(closed_panes(k * cfg.pane_ms, cfg.lateness_ms, cfg.pane_ms))
@@ -1038,7 +1137,8 @@ class PartitionState:
                 self.pane_of_open[slot] = k
                 self.open_closed[slot] = False
             for name in self._OPEN_ARRAYS:
-                self.open[name][slot] += tmp[name][i]
+                if name in tmp:
+                    self.open[name][slot] += tmp[name][i]
 
     def _close_slots(self, slots: np.ndarray) -> None:
         for name in self._PANE_ARRAYS:

@@ -59,7 +59,12 @@ def late_mask(
     before[0] = prior_max_ms
     np.maximum.accumulate(ts_ms[:-1], out=before[1:])
     np.maximum(before[1:], prior_max_ms, out=before[1:])
-    seen = before > NO_TIME
-    closed = np.floor_divide(before - lateness_ms, pane_ms)
-    late = seen & (np.floor_divide(ts_ms, pane_ms) < closed)
+    # A late row's pane ends at or before ``before - lateness``, so only rows earlier
+    # than that can be late: divide (costly) just for those, usually none.
+    late = ts_ms < before - lateness_ms
+    at = np.flatnonzero(late)
+    if at.size:
+        b = before[at]
+        closed = np.floor_divide(b - lateness_ms, pane_ms)
+        late[at] = (b > NO_TIME) & (np.floor_divide(ts_ms[at], pane_ms) < closed)
     return late, max(prior_max_ms, int(ts_ms.max()))

@@ -30,8 +30,11 @@ from kafka_util import (
 from shards import ShardProcess, free_port, shard_args
 
 TEST_CLUSTER = "pytest"
-TEST_PORT = int(os.environ.get("MODELPULSE_TEST_KAFKA_PORT", "39092"))
-TEST_REGISTRY_PORT = int(os.environ.get("MODELPULSE_TEST_REGISTRY_PORT", "38081"))
+# Every fixed port of the test services (here and in the test modules: 28xxx-29xxx) is
+# below Linux's ephemeral range (32768-60999): a shard's free_port() or any client's
+# outgoing socket can hold a port of that range when a broker wants to bind it.
+TEST_PORT = int(os.environ.get("MODELPULSE_TEST_KAFKA_PORT", "29092"))
+TEST_REGISTRY_PORT = int(os.environ.get("MODELPULSE_TEST_REGISTRY_PORT", "28081"))
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -37,7 +37,7 @@ from schemas.wire import SchemaId, frame, parsed_schema
 
 T0_MS = 1_700_000_400_000  # in the past, aligned to panes
 STOP_CLUSTER = "edge-stop"
-STOP_PORT = int(os.environ.get("MODELPULSE_EDGE_STOP_PORT", "49792"))
+STOP_PORT = int(os.environ.get("MODELPULSE_EDGE_STOP_PORT", "29792"))
 
 
 def _row(model: str, t_s: float) -> Row:

@@ -16,7 +16,7 @@ from kafka_util import consume_all, create_topic, kafka_script, start_local_clus
 from producer import PredictionPublisher, PublisherSettings
 
 CLUSTER = "outage"
-PORT = int(os.environ.get("MODELPULSE_TEST_OUTAGE_PORT", "39192"))
+PORT = int(os.environ.get("MODELPULSE_TEST_OUTAGE_PORT", "29192"))
 
 
 @pytest.fixture(scope="module")

@@ -80,9 +80,9 @@ from schemas.wire import SchemaId, frame, parsed_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_CLUSTER = "reliability"
-FAULT_PORT = int(os.environ.get("MODELPULSE_RELIABILITY_PORT", "49592"))
+FAULT_PORT = int(os.environ.get("MODELPULSE_RELIABILITY_PORT", "29592"))
 OUTAGE_CLUSTER = "rel-outage"
-OUTAGE_PORT = int(os.environ.get("MODELPULSE_RELIABILITY_OUTAGE_PORT", "49692"))
+OUTAGE_PORT = int(os.environ.get("MODELPULSE_RELIABILITY_OUTAGE_PORT", "29692"))
 OUTCOME_NAMES = ("ok", "error", "timeout", "rejected")
 T0_MS = 1_700_000_300_000  # in the past, aligned to panes
 

@@ -27,8 +27,8 @@ from shards import ROOT, ShardProcess, free_port, parse_metrics, shard_args, tot
 
 from producer import PredictionPublisher, PublisherSettings
 
-SASL_PORT = int(os.environ.get("MODELPULSE_TEST_SASL_PORT", "48192"))
-MTLS_PORT = int(os.environ.get("MODELPULSE_TEST_MTLS_PORT", "48292"))
+SASL_PORT = int(os.environ.get("MODELPULSE_TEST_SASL_PORT", "28192"))
+MTLS_PORT = int(os.environ.get("MODELPULSE_TEST_MTLS_PORT", "28292"))
 USER = "modelpulse-test"
 EVENTS = 300
 

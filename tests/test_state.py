@@ -304,3 +304,30 @@ def test_a_snapshot_without_the_segment_arrays_takes_the_config_changed_path() -
                  np.array([2 * 10**12]), 10**6 + 1)  # fmt: skip
     _same(state, restored)
     assert (state.open_closed).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    edges=st.lists(
+        st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=30
+    ),
+    values=st.lists(st.floats(allow_nan=False), max_size=200),
+)
+def test_bucket_lookup_equals_searchsorted(edges: list[float], values: list[float]) -> None:
+    """The table lookup that replaces np.searchsorted on the hot path, at and next to
+    every edge too (bins must not move, or snapshots and histograms would change)."""
+    from aggregator.state import _Buckets
+
+    bounds = np.array(sorted(set(edges)), dtype=np.float64)
+    x = np.concatenate(
+        [
+            np.asarray(values, dtype=np.float64),
+            bounds,
+            np.nextafter(bounds, -np.inf),
+            np.nextafter(bounds, np.inf),
+            [0.0, -0.0, np.inf, -np.inf, 5e-324, -5e-324, 1e-300],
+        ]
+    )
+    for raw in (bounds, np.abs(bounds) + 1e-3, np.round(np.arange(1, 21) * 0.05, 2)):
+        b = np.unique(raw)
+        assert np.array_equal(_Buckets(b)(x), np.searchsorted(b, x, "left"))
