@@ -498,7 +498,14 @@ def _model_rows(
         owners[reg],
     )
     conf = cum["conf"] * ~regression[:, None, None]
-    cells, (i, a, pc) = _cells(mvl, classes, conf > 0)
+    # Every pair of a version's known classes from 0, not from its first count: a cell
+    # that appears at 1 hides that count from increase(), which biased error-based
+    # ratios (and the Wilson bounds built on them) upwards for rare labels.
+    known = np.array([[bool(name) for name in row] for row in classes], dtype=bool).reshape(
+        conf.shape[:2]
+    )
+    pairs = known[:, :, None] & known[:, None, :] & ~regression[:, None, None]
+    cells, (i, a, pc) = _cells(mvl, classes, pairs | (conf > 0))
     cols.extend("model_confusion", cells, conf[i, a, pc], owners[i])
     cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
     cols.extend("inference_segment_predictions", cells, cum["seg"][i, g], owners[i])

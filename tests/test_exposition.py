@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 import aggregator
 from aggregator import exposition, shard
 from aggregator.catalog import MACRO, Limits
-from aggregator.decode import Heartbeat, SchemaResolver, decode_batch
+from aggregator.decode import Heartbeat, Marker, SchemaResolver, decode_batch
 from aggregator.exposition import CONTENT_TYPE, Family, LabelCache, render, render_payload
 from aggregator.metrics import (
     DEAD_LETTER_REASONS,
@@ -613,6 +613,31 @@ def test_counters_with_known_labels_start_at_zero() -> None:
     got = samples(render(build_families([odd], SHARD_CONFIG)))
     labels = frozenset({("partition", "3"), ("reason", "brand_new")})
     assert got[("modelpulse_dead_lettered_total", labels)] == 2
+
+
+def test_confusion_cells_of_known_classes_start_at_zero() -> None:
+    """Every (actual, predicted) pair of a version's known classes is exported, zeros
+    included: a cell first seen at 1 hides that count from increase()."""
+    resolver = SchemaResolver()
+    rows = [
+        Row("m", "v1", T0_MS / 1000 + i, 0.01, 0, "x", 0.9, "x" if i else "y", None, None, "")
+        for i in range(3)
+    ]
+    state = PartitionState(SHARD_CONFIG, 0)
+    state.ingest(
+        [decode_batch(resolver.read(encode_batch(rows))[1], 0)],
+        np.arange(1),
+        np.full(1, 2 * T0_MS),
+        1,
+    )
+    state.ingest([Marker(1, T0_MS + 60_000)], np.arange(1, 2), np.full(1, 2 * T0_MS), 2)
+    got = samples(render(build_families([state.view()], SHARD_CONFIG)))
+    cells = {
+        (dict(labels)["actual"], dict(labels)["predicted"]): v
+        for (name, labels), v in got.items()
+        if name == "model_confusion_total"
+    }
+    assert cells == {("x", "x"): 2, ("y", "x"): 1, ("x", "y"): 0, ("y", "y"): 0}
 
 
 def test_every_dead_letter_reason_in_the_code_is_known_up_front() -> None:
