@@ -22,7 +22,12 @@ from fastavro import parse_schema, schemaless_reader
 from fastavro.read import SchemaResolutionError
 
 from aggregator.errors import DecodeError
-from schemas.registry import RegistryError, RegistryUnavailable, SchemaNotFound
+from schemas.registry import (
+    RegistryError,
+    RegistryUnavailable,
+    SchemaNotFound,
+    record_subject,
+)
 from schemas.wire import (
     CLASS_DTYPE,
     EVENT_ID_OFFSET_DTYPE,
@@ -403,7 +408,7 @@ class SchemaResolver:
         found = self._own.get(int(kind))
         if found is None:
             raw = raw_schema(kind)
-            found = self._registry.register(f"{raw['namespace']}.{raw['name']}", raw)
+            found = self._registry.register(record_subject(raw), raw)
             self._own[int(kind)] = found
             self._known[found] = (int(kind), parsed_schema(kind), None)
         return found

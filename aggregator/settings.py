@@ -11,12 +11,12 @@ import re
 import socket
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aggregator.catalog import Limits
 from aggregator.state import CALIBRATION_BINS, StateConfig, load_reference_file
-from schemas.connection import KafkaConnection
+from schemas.connection import KafkaConnection, RegistryConnection
 from schemas.registry import SchemaRegistry
 
 __all__ = ["AggregatorSettings", "parse_duration_ms"]
@@ -48,7 +48,7 @@ def _floats(text: str | list[float]) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-class AggregatorSettings(KafkaConnection, BaseSettings):
+class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
     """Configuration of one aggregator shard; every field is also a ``--flag``.
 
     The connection fields (bootstrap, SASL, TLS, extra ``kafka`` settings) are those of
@@ -137,18 +137,6 @@ class AggregatorSettings(KafkaConnection, BaseSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name of this shard in logs and markers.",
     )
-    schema_registry_url: str | None = Field(
-        None,
-        description="Confluent-compatible schema registry (e.g. http://host:8080/apis/ccompat/v7); "
-        "set: schema ids are registry ids only; unset: the fixed ids of schemas/.",
-    )
-    schema_registry_user: str | None = Field(None, description="Basic-auth user of the registry.")
-    schema_registry_password: SecretStr | None = Field(
-        None, description="Basic-auth password of the registry."
-    )
-    schema_registry_ca_file: str | None = Field(
-        None, description="PEM CA bundle that verifies an https registry."
-    )
     web_config_file: str | None = Field(
         None,
         description="exporter-toolkit web config (YAML: tls_server_config, basic_auth_users "
@@ -198,17 +186,11 @@ class AggregatorSettings(KafkaConnection, BaseSettings):
 
     def schema_registry(self) -> SchemaRegistry | None:
         """The registry client, or None when no ``schema_registry_url`` is set."""
-        if not self.schema_registry_url:
-            if self.schema_registry_user or self.schema_registry_ca_file:
-                raise ValueError("schema_registry_user/ca_file given without schema_registry_url")
-            return None
-        password = self.schema_registry_password
-        return SchemaRegistry(
-            self.schema_registry_url,
-            username=self.schema_registry_user,
-            password=None if password is None else password.get_secret_value(),
-            ca_file=self.schema_registry_ca_file,
-        )
+        if not self.schema_registry_url and (
+            self.schema_registry_user or self.schema_registry_ca_file
+        ):
+            raise ValueError("schema_registry_user/ca_file given without schema_registry_url")
+        return self.registry_client()
 
     def state_config(self) -> StateConfig:
         """The part of the settings that shapes state (hashed into snapshots)."""

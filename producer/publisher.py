@@ -33,7 +33,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from producer.encode import Row, encode_batch, encode_events, encode_heartbeat, encode_label
 from producer.errors import InvalidEvent, PublisherClosed
 from producer.settings import PublisherSettings
-from schemas.registry import SchemaRegistry
+from schemas.registry import record_subject
 from schemas.wire import OUTCOME_CODES, OUTCOMES, SchemaId, raw_schema
 
 __all__ = ["PredictionPublisher", "PublisherStats", "Tracker"]
@@ -164,20 +164,11 @@ class PredictionPublisher:
             SchemaId.RESOURCE_HEARTBEAT,
             SchemaId.LABEL_FEEDBACK,
         )
-        if not s.schema_registry_url:
+        registry = s.registry_client()
+        if registry is None:
             return (int(ids[0]), int(ids[1]), int(ids[2]), int(ids[3]))
-        password = s.schema_registry_password
-        registry = SchemaRegistry(
-            s.schema_registry_url,
-            username=s.schema_registry_user,
-            password=None if password is None else password.get_secret_value(),
-            ca_file=s.schema_registry_ca_file,
-        )
         batch, event, beat, label = (
-            registry.register(
-                str(raw_schema(i)["namespace"]) + "." + raw_schema(i)["name"], raw_schema(i)
-            )
-            for i in ids
+            registry.register(record_subject(raw_schema(i)), raw_schema(i)) for i in ids
         )
         return batch, event, beat, label
 

@@ -32,7 +32,7 @@ from fastavro import schemaless_writer
 from pydantic import ValidationError
 
 from producer.settings import PublisherSettings
-from schemas.registry import SchemaRegistry
+from schemas.registry import record_subject
 from schemas.wire import SchemaId, frame, parsed_schema, raw_schema
 
 __all__ = [
@@ -183,17 +183,11 @@ def encode_reference(doc: ReferenceDoc, schema_id: int = SchemaId.DRIFT_REFERENC
 
 
 def _schema_id(settings: PublisherSettings) -> int:
-    if not settings.schema_registry_url:
+    registry = settings.registry_client()
+    if registry is None:
         return int(SchemaId.DRIFT_REFERENCE)
-    password = settings.schema_registry_password
-    registry = SchemaRegistry(
-        settings.schema_registry_url,
-        username=settings.schema_registry_user,
-        password=None if password is None else password.get_secret_value(),
-        ca_file=settings.schema_registry_ca_file,
-    )
     raw = raw_schema(SchemaId.DRIFT_REFERENCE)
-    return registry.register(f"{raw['namespace']}.{raw['name']}", raw)
+    return registry.register(record_subject(raw), raw)
 
 
 def _ensure_topic(admin: AdminClient, topic: str, timeout: float) -> None:

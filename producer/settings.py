@@ -6,10 +6,10 @@ import os
 import socket
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.connection import KafkaConnection
+from schemas.connection import KafkaConnection, RegistryConnection
 
 __all__ = ["PublisherSettings"]
 
@@ -18,7 +18,7 @@ def _default_instance() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class PublisherSettings(KafkaConnection, BaseSettings):
+class PublisherSettings(KafkaConnection, RegistryConnection, BaseSettings):
     """How a service publishes its predictions.
 
     The connection fields (bootstrap, SASL, TLS, extra ``kafka`` settings) are those of
@@ -65,16 +65,6 @@ class PublisherSettings(KafkaConnection, BaseSettings):
     instance: str = Field(default_factory=_default_instance, max_length=128)
     heartbeat_seconds: float = Field(
         0.0, ge=0, description="Send resource heartbeats this often; 0 disables them."
-    )
-    schema_registry_url: str | None = Field(
-        None, description="Confluent-compatible registry; unset: the fixed ids of schemas/."
-    )
-    schema_registry_user: str | None = Field(None, description="Basic-auth user of the registry.")
-    schema_registry_password: SecretStr | None = Field(
-        None, description="Basic-auth password of the registry."
-    )
-    schema_registry_ca_file: str | None = Field(
-        None, description="PEM CA bundle that verifies an https registry."
     )
     max_features: int = Field(32, ge=0, le=1024, description="Features per event.")
     max_string_length: int = Field(256, ge=1, le=65536, description="Longest name/label string.")

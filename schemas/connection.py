@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-__all__ = ["KafkaConnection"]
+from schemas.registry import SchemaRegistry
+
+__all__ = ["KafkaConnection", "RegistryConnection"]
 
 
 class KafkaConnection(BaseModel):
@@ -81,3 +83,39 @@ class KafkaConnection(BaseModel):
         config.update(client or {})
         config.update(self.kafka)
         return config
+
+
+class RegistryConnection(BaseModel):
+    """A Confluent-compatible schema registry: URL, basic auth and CA, one model for both
+    sides (inherited like ``KafkaConnection``, so env vars and flags keep their names).
+
+    >>> RegistryConnection().registry_client() is None
+    True
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_registry_url: str | None = Field(
+        None,
+        description="Confluent-compatible schema registry (e.g. http://host:8080/apis/ccompat/v7); "
+        "set: schema ids are registry ids only; unset: the fixed ids of schemas/.",
+    )
+    schema_registry_user: str | None = Field(None, description="Basic-auth user of the registry.")
+    schema_registry_password: SecretStr | None = Field(
+        None, description="Basic-auth password of the registry."
+    )
+    schema_registry_ca_file: str | None = Field(
+        None, description="PEM CA bundle that verifies an https registry."
+    )
+
+    def registry_client(self) -> SchemaRegistry | None:
+        """The registry client, or None when no ``schema_registry_url`` is set."""
+        if not self.schema_registry_url:
+            return None
+        password = self.schema_registry_password
+        return SchemaRegistry(
+            self.schema_registry_url,
+            username=self.schema_registry_user,
+            password=None if password is None else password.get_secret_value(),
+            ca_file=self.schema_registry_ca_file,
+        )

@@ -23,9 +23,24 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-__all__ = ["RegistryError", "RegistryUnavailable", "SchemaNotFound", "SchemaRegistry"]
+__all__ = [
+    "RegistryError",
+    "RegistryUnavailable",
+    "SchemaNotFound",
+    "SchemaRegistry",
+    "record_subject",
+]
 
 _CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
+
+
+def record_subject(schema: dict[str, Any]) -> str:
+    """The record-name subject modelpulse registers ``schema`` under.
+
+    >>> record_subject({"type": "record", "name": "PredictionEvent", "namespace": "io.modelpulse"})
+    'io.modelpulse.PredictionEvent'
+    """
+    return f"{schema['namespace']}.{schema['name']}"
 
 
 class RegistryError(RuntimeError):
