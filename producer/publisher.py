@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -544,20 +544,12 @@ class PredictionPublisher:
                 continue
             with self._count_lock:
                 self._labels_in_flight += 1
-            while True:
-                try:
-                    self._producer.produce(
-                        self._feedback_topic, value, row[0].encode(), on_delivery=callback
-                    )
-                    break
-                except BufferError:  # librdkafka's queue is full: serve callbacks, retry
-                    self._producer.poll(0.05)
-                except Exception as exc:
-                    log.error("modelpulse produce of a label failed (%s)", exc)
-                    with self._count_lock:
-                        self._labels_in_flight -= 1
-                        self._labels_failed += 1
-                    break
+            exc = self._hand_over(self._feedback_topic, value, row[0].encode(), callback)
+            if exc is not None:
+                log.error("modelpulse produce of a label failed (%s)", exc)
+                with self._count_lock:
+                    self._labels_in_flight -= 1
+                    self._labels_failed += 1
         return n
 
     def _label_delivered(self, err: KafkaError | None, _msg: Message) -> None:
@@ -601,37 +593,39 @@ class PredictionPublisher:
         # One lock round and one shared callback for the lot: per event, only produce().
         with self._count_lock:
             self._in_flight += len(values)
-        produce, topic, callback = self._producer.produce, self._topic, self._delivered_one
+        hand_over, topic, callback = self._hand_over, self._topic, self._delivered_one
         for value in values:
-            while True:
-                try:
-                    produce(topic, value, key, on_delivery=callback)
-                    break
-                except BufferError:  # librdkafka's queue is full: serve callbacks, retry
-                    self._producer.poll(0.05)
-                except Exception as exc:
-                    log.error("modelpulse produce failed (%s); 1 event lost", exc)
-                    with self._count_lock:
-                        self._in_flight -= 1
-                        self._failed += 1
-                    break
+            exc = hand_over(topic, value, key, callback)
+            if exc is not None:
+                log.error("modelpulse produce failed (%s); 1 event lost", exc)
+                with self._count_lock:
+                    self._in_flight -= 1
+                    self._failed += 1
 
     def _produce(self, key: bytes, value: bytes, count: int) -> None:
         callback = partial(self._delivered, count)
         with self._count_lock:
             self._in_flight += count
+        exc = self._hand_over(self._topic, value, key, callback)
+        if exc is not None:
+            log.error("modelpulse produce failed (%s); %d events lost", exc, count)
+            with self._count_lock:
+                self._in_flight -= count
+                self._failed += count
+
+    def _hand_over(
+        self, topic: str, value: bytes, key: bytes, callback: Callable[..., None]
+    ) -> Exception | None:
+        """``produce()``, serving delivery callbacks while librdkafka's queue is full;
+        the error that lost the message, or None once it is queued."""
         while True:
             try:
-                self._producer.produce(self._topic, value, key, on_delivery=callback)
-                return
+                self._producer.produce(topic, value, key, on_delivery=callback)
+                return None
             except BufferError:  # librdkafka's queue is full: serve callbacks, retry
                 self._producer.poll(0.05)
             except Exception as exc:
-                log.error("modelpulse produce failed (%s); %d events lost", exc, count)
-                with self._count_lock:
-                    self._in_flight -= count
-                    self._failed += count
-                return
+                return exc
 
     def _delivered_one(self, err: KafkaError | None, msg: Message) -> None:
         self._delivered(1, err, msg)
