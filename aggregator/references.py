@@ -236,9 +236,6 @@ class ReferenceReader:
             )
         return caught_up
 
-    def wait_caught_up(self, timeout: float) -> bool:
-        return self._caught_up.wait(timeout)
-
     def stop(self) -> None:
         """Ask the thread to finish (it closes its consumer); ``close`` waits for it."""
         self._stop.set()
