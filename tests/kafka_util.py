@@ -18,18 +18,26 @@ ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 
 
-def kafka_script(*args: str, timeout: float = 180.0) -> str:
-    """Run scripts/kafka.sh and return its output; raise with the output on failure."""
+def run_script(
+    script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180.0
+) -> str:
+    """Run ``scripts/<script>`` and return its output; raise with the output on failure."""
     proc = subprocess.run(
-        ["bash", str(KAFKA_SH), *args],
+        ["bash", str(ROOT / "scripts" / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"kafka.sh {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def kafka_script(*args: str, timeout: float = 180.0) -> str:
+    """Run scripts/kafka.sh (see ``run_script``)."""
+    return run_script(KAFKA_SH.name, *args, timeout=timeout)
 
 
 def cluster_running(name: str) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from kafka_util import create_topic, unique
+from kafka_util import create_topic, run_script, unique
 from shards import ShardProcess, free_port, send_markers, shard_args, wait_assigned, wait_until
 
 from demo.fleet import INCIDENTS, SimulatedModel, default_models
@@ -477,16 +477,7 @@ def _prometheus_config(path: Path, ports: list[int]) -> Path:
 
 
 def _prometheus(*args: str, env: dict[str, str]) -> str:
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "prometheus.sh"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
-    assert proc.returncode == 0, f"prometheus.sh {' '.join(args)}:\n{proc.stdout}{proc.stderr}"
-    return proc.stdout
+    return run_script("prometheus.sh", *args, env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")

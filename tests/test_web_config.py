@@ -23,7 +23,7 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from kafka_util import create_topic, unique
+from kafka_util import create_topic, run_script, unique
 from shards import ROOT, ShardProcess, free_port, shard_args, wait_until
 
 from aggregator.server import MetricsServer
@@ -287,15 +287,7 @@ def test_prometheus_scrapes_a_shard_over_tls_with_basic_auth(
         assert status == 200 and b"modelpulse_" in body
         prom_config = _prometheus_config(tmp_path / "prometheus.yml", port, certs, password)
         start = ["start", "--name", name, "--port", str(prom_port), "--config", str(prom_config)]
-        proc = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "prometheus.sh"), *start],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            env=env,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run_script("prometheus.sh", *start, env=env, timeout=120)
 
         def scraped() -> bool:
             up = {r["metric"]["job"]: r["value"][1] for r in _query(prom, "up")}
