@@ -21,8 +21,8 @@ from typing import Any, Final
 import numpy as np
 
 from aggregator.catalog import MACRO, OVERFLOW, Catalog, Limits
-from aggregator.decode import MAX_ROWS_PER_ENVELOPE, Heartbeat, Marker, RowChunk
 from aggregator.errors import ConfigMismatch
+from aggregator.state.columns import MAX_ROWS_PER_ENVELOPE, Heartbeat, Marker, RowChunk
 from aggregator.window import NO_TIME, closed_panes, late_mask
 
 __all__ = [
