@@ -47,8 +47,9 @@ from aggregator.server import MetricsServer
 from aggregator.settings import AggregatorSettings
 from aggregator.state import REJECT_REASONS, PartitionState, StateView
 from aggregator.webconfig import load_web_config
+from schemas.codec import MARKER_GROUP_HEADER, encode_marker
 from schemas.registry import RegistryError
-from schemas.wire import SchemaId, frame, parsed_schema
+from schemas.wire import SchemaId
 
 __all__ = ["Shard"]
 
@@ -74,7 +75,7 @@ _UNREADABLE = {
     2: "unreadable",  # CORRUPT_MESSAGE: a broker-side CRC or format error
 }
 # Header that marks a watermark marker as written by a shard of this group.
-MARKER_HEADER = "modelpulse.marker.group"
+MARKER_HEADER = MARKER_GROUP_HEADER
 # SIGTERM to exit: final dead letters + snapshot, leaving the group, last flush.
 # SIGTERM to exit: a periodic snapshot in progress, the final dead letters and
 # snapshot, leaving the group and a last flush each have their own timeout.
@@ -852,7 +853,7 @@ class Shard:
             except RegistryError as exc:  # retried at the next idle period
                 log.warning("partition %d idle: no watermark marker (%s)", p, exc)
                 continue
-            body = _encode_marker(marker_ms, s.shard_id, marker_id)
+            body = encode_marker(marker_ms, s.shard_id, marker_id)
             self.producer.produce(
                 s.input_topic,
                 body,
@@ -1144,17 +1145,3 @@ class Shard:
             self.consumer.close()
         except Exception as exc:
             log.warning("consumer close: %s", exc)
-
-
-def _encode_marker(event_time_ms: int, origin: str, schema_id: int) -> bytes:
-    import io  # noqa: PLC0415
-
-    from fastavro import schemaless_writer  # noqa: PLC0415
-
-    out = io.BytesIO()
-    schemaless_writer(
-        out,
-        parsed_schema(SchemaId.WATERMARK_MARKER),
-        {"event_time_ms": event_time_ms, "origin": origin},
-    )
-    return frame(schema_id, out.getvalue())
