@@ -21,7 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 from aggregator.decode import SchemaResolver, SchemaSource
 from aggregator.errors import DecodeError
 from aggregator.state import DRIFT_BINS, StateConfig, StateView
-from aggregator.state.partition import _drift_bin
+from aggregator.state.binning import drift_bin as _drift_bin
 from schemas.wire import SchemaId
 
 __all__ = [

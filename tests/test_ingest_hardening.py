@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator import state as state_module
 from aggregator.catalog import MACRO, OVERFLOW, Catalog, Limits
 from aggregator.decode import (
     FEATURES_PER_ROW,
@@ -32,6 +31,7 @@ from aggregator.errors import DecodeError
 from aggregator.exposition import render
 from aggregator.metrics import build_families
 from aggregator.state import REJECT_REASONS, PartitionState, StateConfig
+from aggregator.state import partition as state_module
 from producer.encode import Row, encode_batch
 
 PANE = 1000

@@ -316,7 +316,7 @@ def test_a_snapshot_without_the_segment_arrays_takes_the_config_changed_path() -
 def test_bucket_lookup_equals_searchsorted(edges: list[float], values: list[float]) -> None:
     """The table lookup that replaces np.searchsorted on the hot path, at and next to
     every edge too (bins must not move, or snapshots and histograms would change)."""
-    from aggregator.state.partition import _Buckets
+    from aggregator.state.binning import Buckets as _Buckets
 
     bounds = np.array(sorted(set(edges)), dtype=np.float64)
     x = np.concatenate(
