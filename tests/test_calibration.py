@@ -264,6 +264,7 @@ def test_the_series_estimate_bounds_a_model_version_with_every_measure() -> None
     below the lines a model version with every class, feature, segment, score bin,
     drift method and calibration measure really exports."""
     from aggregator.settings import AggregatorSettings
+    from aggregator.state.measures import lines_per_model_version
 
     s = AggregatorSettings(
         pane="1s",
@@ -314,5 +315,5 @@ def test_the_series_estimate_bounds_a_model_version_with_every_measure() -> None
         for labels, row in zip(f.label_values, values, strict=True):
             if not np.isnan(row).any():
                 lines[labels[at]] = lines.get(labels[at], 0) + width
-    budget = s._series_per_model_version(len(config.windows_ms))
+    budget = lines_per_model_version(config, len(config.windows_ms))
     assert 0 < max(lines.values()) <= budget, (lines, budget)
