@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import accuracy_score, brier_score_loss
+from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
 
 from aggregator.decode import Marker, SchemaResolver, decode_batch
 from aggregator.metrics import build_families
@@ -155,6 +155,9 @@ def test_window_calibration_equals_sklearn(
     correct = np.array([r.label == r.prediction for r in cal], dtype=np.int64)
     assert _one(samples, "model_brier_score", **lab) == pytest.approx(
         brier_score_loss(correct, score), abs=1e-12
+    )
+    assert _one(samples, "model_log_loss", **lab) == pytest.approx(
+        log_loss(correct, score, labels=[0, 1]), abs=1e-12
     )
     prob_true, prob_pred = calibration_curve(correct, score, n_bins=10)
     n_b = np.bincount(np.searchsorted(np.linspace(0, 1, 11)[1:-1], score), minlength=10)

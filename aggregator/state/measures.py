@@ -12,12 +12,15 @@ sizes the catalog (``lines``) and, for simple measures, the exported family
 Adding a measure is one row in ``MEASURES`` and one bin function, e.g. a log loss::
 
     def _log_loss(r: Rows) -> Bin:
-        p = np.where(r.correct, r.score0, 1.0 - r.score0)
-        return Bin(weights=-np.log(np.maximum(p, 1e-15)) * r.cal)
+        sel = r.cal  # labelled classifications with a score
+        p = np.where(r.correct[sel], r.score0[sel], 1.0 - r.score0[sel])
+        return Bin(rows=sel, weights=-np.log(np.clip(p, 1e-15, 1.0)))
 
     Measure("log_loss", _scalar, F8, _log_loss, lines=(0, 1),
-            gauge=Mean("model_log_loss", "Mean log loss of labelled predictions.",
-                       over="cal", task="classification")),
+            gauge=Mean("model_log_loss", "Mean log loss ...", over="cal",
+                       task="classification")),
+
+(that is the row the table has: ``git show`` the commit that added it for the diff).
 
 A snapshot taken before the row existed then has another digest and takes the
 config-changed path (``ConfigMismatch``: refuse, or ``--rebuild-state``).
@@ -156,6 +159,13 @@ def _cal_score(r: Rows) -> Bin:
 
 def _brier(r: Rows) -> Bin:
     return Bin(weights=np.square(r.score0 - r.correct) * r.cal)
+
+
+def _log_loss(r: Rows) -> Bin:
+    """-log of the probability given to what happened (right or wrong), per scored row."""
+    sel = r.cal
+    p = np.where(r.correct[sel], r.score0[sel], 1.0 - r.score0[sel])
+    return Bin(rows=sel, weights=-np.log(np.clip(p, 1e-15, 1.0)))
 
 
 def _err(r: Rows) -> Bin:
@@ -316,6 +326,20 @@ MEASURES: Final[tuple[Measure, ...]] = (
     ),
     Measure("cal_score", lambda c: (CALIBRATION_BINS,), F8, _cal_score),
     Measure("brier", _scalar, F8, _brier),
+    Measure(
+        "log_loss",
+        _scalar,
+        F8,
+        _log_loss,
+        lines=(0, 1),
+        gauge=Mean(
+            "model_log_loss",
+            "Mean log loss of the score as the probability of being right, labelled "
+            "predictions, last closed window.",
+            over="cal",
+            task="classification",
+        ),
+    ),
     # Ok rows with a predicted class and a score, labelled or not: count, score sum.
     Measure("est", _scalar, I8, _est),
     Measure("est_sum", _scalar, F8, _est_sum),
