@@ -33,6 +33,8 @@ from aggregator import exposition, shard
 from aggregator.catalog import MACRO, Limits
 from aggregator.decode import Heartbeat, Marker, SchemaResolver, decode_batch
 from aggregator.exposition import CONTENT_TYPE, Family, LabelCache, render, render_payload
+from aggregator.join.joiner import JoinLimits
+from aggregator.join.labels import LabelChunkBuilder
 from aggregator.metrics import (
     DEAD_LETTER_REASONS,
     DROP_REASONS,
@@ -455,6 +457,7 @@ SHARD_CONFIG = StateConfig(
     lateness_ms=2000,
     drift_reference_ms=5000,
     limits=Limits(max_models=4, max_classes=4, max_segments=3, max_features=3),
+    join=JoinLimits(ttl_ms=600_000, wait_ms=5000, max_pending=10_000),
 )
 T0_MS = 1_700_000_000_000
 
@@ -484,7 +487,7 @@ def _partition_rows(seed: int, n: int) -> list[Row]:
                 label,
                 ["eu", "us", "apac", "latam"][i // 4 % 4],  # one segment past the cap
                 {"f": float(rng.normal()), "g": float(i % 7), "h": 1.0, "k": 2.0},
-                "",
+                f"{seed}-{i}" if label is None else "",  # unlabelled: joined later
             )
         )
     return rows
@@ -523,6 +526,19 @@ def _partition_view(partition: int, seed: int = 1, n: int = 2000) -> StateView:
     state = PartitionState(SHARD_CONFIG, partition)
     offsets = np.arange(len(items), dtype=np.int64)
     state.ingest(items, offsets, np.full(len(items), 2 * T0_MS), len(items))
+    # Late labels for a third of the unlabelled rows (and one for an unknown id), joined
+    # in the last pane, which a marker then closes.
+    labels = LabelChunkBuilder()
+    for r in rows[::9]:
+        if r.event_id and r.outcome == 0:
+            label = r.prediction if isinstance(r.prediction, str) else 0.5
+            labels.add({"event_id": r.event_id, "event_time_ms": T0_MS + n * 10,
+                        "model": r.model, "label": label}, len(labels))  # fmt: skip
+    labels.add({"event_id": "none", "event_time_ms": T0_MS, "model": "a", "label": "x"}, 10**6)
+    state.ingest_labels(labels.build(), len(labels))
+    end = len(items)
+    state.ingest([Marker(end, T0_MS + n * 10 + 3500)], np.array([end]), np.array([2 * T0_MS]),
+                 end + 1)  # fmt: skip
     state.count_rejected("undecodable")
     return state.view()
 

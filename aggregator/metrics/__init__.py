@@ -32,6 +32,7 @@ from aggregator.metrics.model import _model_rows
 from aggregator.metrics.specs import _SPECS, DEAD_LETTER_REASONS, DROP_REASONS, FOLD_KINDS
 from aggregator.references import TrainingReference
 from aggregator.state import StateConfig, StateView
+from aggregator.state.config import LABEL_DELAY_BOUNDS
 
 __all__ = [
     "DEAD_LETTER_REASONS",
@@ -92,6 +93,8 @@ def build_families(
          config.score_bounds),
         ("model_prediction_error", "Prediction minus label (regression), closed panes.",
          config.error_bounds),
+        ("model_label_delay_seconds", "Label time minus prediction time of joined labels.",
+         LABEL_DELAY_BOUNDS),
     ):  # fmt: skip
         pending.append(_pending_histogram(cols, name, help_text, bounds))
 

@@ -55,6 +55,8 @@ def _partition_rows(v: StateView, config: StateConfig, cols: _Columns) -> None:
         for name in (*names, *sorted(set(counts).difference(names))):
             n = counts.get(name, 0)
             cols.one(family, (*p, name), float(n), _KEEP if n else _ZERO)
+    for name, n in (v.unmatched_labels or {}).items():
+        cols.one("modelpulse_unmatched_labels", (*p, name), float(n), _KEEP if n else _ZERO)
     if v.max_event_ms > 0:
         cols.one(
             "modelpulse_watermark_timestamp_seconds",

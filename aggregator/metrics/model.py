@@ -42,7 +42,8 @@ def _model_rows(
         cols.extend("inference_predictions", by_outcome, out[:, code], owners)
         if code:
             cols.extend("inference_errors", by_outcome, out[:, code], owners)
-    cols.extend("model_labeled_predictions", mvl, cum["labelled"], owners)
+    # Labelled: given inline, or joined later by event id (counted when joined).
+    cols.extend("model_labeled_predictions", mvl, cum["labelled"] + cum["joined"], owners)
     cols.extend("model_unlabeled_predictions", mvl, out[:, 0] - cum["labelled"], owners)
     cols.extend(
         "model_info",
@@ -84,6 +85,7 @@ def _model_rows(
     cells, (i, g) = _cells(mvl, [e[6] for e in v.entries], cum["seg"] > 0)
     cols.extend("inference_segment_predictions", cells, cum["seg"][i, g], owners[i])
     _segment_rows(v, mvl, regression, owners, cols)
+    _join_rows(v, mvl, owners, cols)
     # Both halves of a reliability bin that has any labelled row, so a ratio never lacks one.
     cal = cum["cal"] * ~regression[:, None, None]
     i, b = np.nonzero(cal.sum(axis=-1) > 0)
@@ -129,3 +131,24 @@ def _segment_rows(
     ]
     for role, name in enumerate(SEGMENT_ROLES):
         cols.extend(f"model_segment_{name}", labels, counts[i, g, role, c], owners[i])
+
+
+def _join_rows(
+    v: StateView, mvl: Sequence[tuple[str, ...]], owners: np.ndarray, cols: _Columns
+) -> None:
+    """The label join of each model version: joined, pending, expired, coverage, delay."""
+    if v.join is None:
+        return
+    cum = v.cum
+    joined = cum["joined"]
+    expired, evicted = v.join["expired"], v.join["evicted"]
+    cols.extend("model_joined_labels", mvl, joined, owners)
+    cols.extend("model_pending_predictions", mvl, v.join["pending"], owners)
+    for reason, counts in (("ttl", expired), ("cap", evicted)):
+        cols.extend("model_expired_predictions", [(*lab, reason) for lab in mvl], counts, owners)
+    done = joined + expired + evicted  # predictions whose label had its chance
+    has = np.flatnonzero(done > 0)
+    cols.extend(
+        "model_label_coverage", [mvl[i] for i in has.tolist()], joined[has] / done[has], owners[has]
+    )
+    cols.histogram("model_label_delay_seconds", mvl, cum["delay"], cum["delay_sum"], owners)

@@ -108,6 +108,30 @@ _FIXED_SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "Labelled ok predictions with a score, by score bin (upper bound) and correctness.",
         (*_MV, "bin", "correct"),
     ),
+    (
+        "model_joined_labels",
+        "counter",
+        "Labels joined to their prediction by event id, counted when joined.",
+        _MV,
+    ),
+    (
+        "model_pending_predictions",
+        "gauge",
+        "Predictions with an event id waiting for their label.",
+        _MV,
+    ),
+    (
+        "model_expired_predictions",
+        "counter",
+        "Predictions that left the join unlabelled: time to live (ttl) or the cap (cap).",
+        (*_MV, "reason"),
+    ),
+    (
+        "model_label_coverage",
+        "gauge",
+        "Joined / (joined + expired + evicted): the share of predictions whose label came.",
+        _MV,
+    ),
     ("model_info", "gauge", "A model version seen in this partition (value 1).", (*_MV, "task")),
     ("model_update_time_seconds", "gauge", "Event time the version was first seen.", _MV),
     ("model_window_predictions", "gauge", "Predictions in the last closed window.", _W),
@@ -206,6 +230,12 @@ _FIXED_SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
         "counter",
         "Names folded into __overflow__ by a cardinality cap.",
         ("partition", "kind"),
+    ),
+    (
+        "modelpulse_unmatched_labels",
+        "counter",
+        "Labels that changed no metric (dead-lettered), by reason.",
+        ("partition", "reason"),
     ),
     (
         "modelpulse_watermark_timestamp_seconds",

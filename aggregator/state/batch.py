@@ -81,6 +81,7 @@ class Batch:
         pv = np.full(base, np.nan)
         lv = np.full(base, np.nan)
         has_cls = np.zeros(base, dtype=bool)
+        id_hash = np.zeros(base, dtype=np.uint64)  # event id hash, 0 = none
         ts = np.empty(base, dtype=message_timestamps_ms.dtype)
         for b0, chunk in chunks:
             n = len(chunk)
@@ -93,13 +94,15 @@ class Batch:
                 lv[part] = chunk.label_value
             if chunk.pred_code.size:
                 has_cls[part] = (chunk.pred_code >= 0) | (chunk.label_code >= 0)
+            if chunk.event_hash.size:
+                id_hash[part] = chunk.event_hash
             off = chunk.offset
             if off[0] == off[-1] and bool((off == off[0]).all()):
                 # An envelope's rows share one message: one lookup, not one per row.
                 ts[part] = message_timestamps_ms[np.searchsorted(message_offsets, off[0])]
             else:
                 ts[part] = message_timestamps_ms[np.searchsorted(message_offsets, off)]
-        cols["pv"], cols["lv"] = pv, lv
+        cols["pv"], cols["lv"], cols["key"] = pv, lv, id_hash
         has_val = ~np.isnan(pv) | ~np.isnan(lv)  # NaN for markers and heartbeats: False
         is_row = np.ones(base, dtype=bool)
         why_all = np.full(base, -1, dtype=np.int64)

@@ -1,7 +1,7 @@
 """The columns decode produces and the state ingests: rows, markers, heartbeats.
 
 They sit in the state package because the state defines what a row is; decode
-(``aggregator.decode``, ``aggregator.bulk_decode``) only fills them.
+(``aggregator.decode``, ``aggregator.bulk``) only fills them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class RowChunk:
     key k (None: unknown yet) predicts values (``pred_value``/``label_value``) or classes
     (``pred_code``/``label_code`` into ``classes``, -1 = none). Features are in long
     form: row ``feat_row``, name ``feature_names[feat_code]``, value ``feat_value``.
-    ``offset`` is each row's Kafka offset.
+    ``offset`` is each row's Kafka offset. ``event_hash`` is the uint64
+    ``schemas.event_id`` hash of each row's ``event_id`` (0 = no id), always one per row.
     """
 
     mv_keys: list[tuple[str, str]]
@@ -47,6 +48,7 @@ class RowChunk:
     feat_row: np.ndarray
     feat_code: np.ndarray
     feat_value: np.ndarray
+    event_hash: np.ndarray  # uint64, 0 = no id
 
     def __len__(self) -> int:
         return int(self.event_time_ms.shape[0])
@@ -78,6 +80,7 @@ class RowChunk:
             feat_row=self.feat_row[lo:hi] - start,
             feat_code=self.feat_code[lo:hi],
             feat_value=self.feat_value[lo:hi],
+            event_hash=self.event_hash[start:stop],
         )
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Final
 
 from aggregator.catalog import MACRO, OVERFLOW, Limits
+from aggregator.join.joiner import JoinLimits
 from aggregator.state.columns import MAX_ROWS_PER_ENVELOPE
 
 N_OUTCOMES: Final = 5  # ok, error, timeout, rejected, unknown (schemas.wire.OUTCOMES)
@@ -20,6 +21,12 @@ MAX_INSTANCES: Final = 256  # resource series per partition
 # Reliability bins of the score: (0.1 (k - 1), 0.1 k], the first one from 0 inclusive,
 # as sklearn.calibration.calibration_curve(n_bins=10) cuts them.
 CALIBRATION_BINS: Final = 10
+# Buckets (seconds) of the label delay histogram: label time - prediction time, from a
+# second (a click) to a month (a chargeback).
+LABEL_DELAY_BOUNDS: Final = (
+    1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, 259200.0, 604800.0,
+    1209600.0, 2592000.0,
+)  # fmt: skip
 # Layout of a snapshot beyond the measure table (whose names, shapes and kinds are
 # hashed into the digest by themselves): bump it when the snapshot's own fields change,
 # so an old snapshot takes the config-changed path (ConfigMismatch) and is never half
@@ -122,6 +129,9 @@ class StateConfig:
     # stays valid when they change; the new limit applies from the next message on.
     max_name_length: int = 256
     max_rows_per_envelope: int = MAX_ROWS_PER_ENVELOPE
+    # The label join (time to live, waits, caps), None when no feedback topic is read:
+    # not in the digest, the stores are restored when present and start empty if not.
+    join: JoinLimits | None = None
 
     def __post_init__(self) -> None:
         if self.pane_ms <= 0:
@@ -151,7 +161,7 @@ class StateConfig:
         from aggregator.state.measures import table_signature  # noqa: PLC0415 (cycle)
 
         fields = asdict(self)
-        for name in ("reference_samples", "max_name_length", "max_rows_per_envelope"):
+        for name in ("reference_samples", "max_name_length", "max_rows_per_envelope", "join"):
             fields.pop(name)
         fields["state_format"] = STATE_FORMAT
         fields["measures"] = table_signature(self)

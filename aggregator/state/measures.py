@@ -38,6 +38,7 @@ from aggregator.state.binning import drift_bin
 from aggregator.state.config import (
     CALIBRATION_BINS,
     DRIFT_BINS,
+    LABEL_DELAY_BOUNDS,
     N_OUTCOMES,
     SEGMENT_ROLES,
     StateConfig,
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 I8: Final = np.int64
+_DELAY_EDGES: Final = np.asarray(LABEL_DELAY_BOUNDS, dtype=np.float64)
 F8: Final = np.float64
 Task = Literal["classification", "regression"]
 
@@ -100,6 +102,11 @@ class Measure:
     bin: Callable[[Rows], Bin | None]
     windowed: bool = True  # False: cumulative + open panes only (windows are increase())
     drift: bool = False  # a reference distribution of it is kept (drift scores)
+    # Which rows are binned into it: predictions as they are ingested, and/or labels
+    # joined later to a pending prediction (``aggregator.join``), in the pane of the
+    # label's time: so quality counts labels the moment they become known.
+    predictions: bool = True
+    joined: bool = False
     # Worst-case sample lines per model version: (cumulative families, per window).
     lines: tuple[int, int] | Callable[[StateConfig], tuple[int, int]] = (0, 0)
     gauge: Mean | None = None
@@ -166,6 +173,20 @@ def _log_loss(r: Rows) -> Bin:
     sel = r.cal
     p = np.where(r.correct[sel], r.score0[sel], 1.0 - r.score0[sel])
     return Bin(rows=sel, weights=-np.log(np.clip(p, 1e-15, 1.0)))
+
+
+def _joined(r: Rows) -> Bin:
+    return Bin()  # every joined row counts once
+
+
+def _delay(r: Rows) -> Bin | None:
+    if r.delay is None:
+        return None
+    return Bin(inner=np.searchsorted(_DELAY_EDGES, r.delay, "left"))
+
+
+def _delay_sum(r: Rows) -> Bin | None:
+    return None if r.delay is None else Bin(weights=r.delay)
 
 
 def _err(r: Rows) -> Bin:
@@ -290,10 +311,11 @@ MEASURES: Final[tuple[Measure, ...]] = (
         I8,
         _err,
         lines=lambda c: (_hist_lines(c.error_bounds)[0], 2),  # + MAE, RMSE
+        joined=True,
     ),
-    Measure("err_sum", _scalar, F8, _err_sum),
-    Measure("abs_err", _scalar, F8, _abs_err),
-    Measure("sq_err", _scalar, F8, _sq_err),
+    Measure("err_sum", _scalar, F8, _err_sum, joined=True),
+    Measure("abs_err", _scalar, F8, _abs_err, joined=True),
+    Measure("sq_err", _scalar, F8, _sq_err, joined=True),
     Measure("labelled", _scalar, I8, _labelled, lines=(2, 0)),  # labelled, unlabelled
     Measure(
         "conf",
@@ -302,6 +324,7 @@ MEASURES: Final[tuple[Measure, ...]] = (
         _conf,
         # the matrix; per window accuracy + 5 ratios per class and macro
         lines=lambda c: (_classes(c) ** 2, 1 + 5 * (_classes(c) + 1)),
+        joined=True,
     ),
     Measure("pred_class", lambda c: (_classes(c),), I8, _pred_class, drift=True, lines=(0, 4)),
     Measure("pred_hist", lambda c: (DRIFT_BINS,), I8, _pred_hist, drift=True),
@@ -323,15 +346,17 @@ MEASURES: Final[tuple[Measure, ...]] = (
         I8,
         _cal,
         lines=(2 * CALIBRATION_BINS, 4),  # + ECE, Brier, estimated accuracy and its gap
+        joined=True,
     ),
-    Measure("cal_score", lambda c: (CALIBRATION_BINS,), F8, _cal_score),
-    Measure("brier", _scalar, F8, _brier),
+    Measure("cal_score", lambda c: (CALIBRATION_BINS,), F8, _cal_score, joined=True),
+    Measure("brier", _scalar, F8, _brier, joined=True),
     Measure(
         "log_loss",
         _scalar,
         F8,
         _log_loss,
         lines=(0, 1),
+        joined=True,
         gauge=Mean(
             "model_log_loss",
             "Mean log loss of the score as the probability of being right, labelled "
@@ -343,6 +368,21 @@ MEASURES: Final[tuple[Measure, ...]] = (
     # Ok rows with a predicted class and a score, labelled or not: count, score sum.
     Measure("est", _scalar, I8, _est),
     Measure("est_sum", _scalar, F8, _est_sum),
+    # Labels joined to a pending prediction (aggregator.join): their count, and the
+    # delay from prediction to label. Counters: labelled (inline + joined), joined,
+    # the delay histogram; gauges: pending predictions, label coverage; and the
+    # predictions that expired or were evicted unlabelled.
+    Measure("joined", _scalar, I8, _joined, predictions=False, joined=True, lines=(5, 0)),
+    Measure(
+        "delay",
+        lambda c: (len(LABEL_DELAY_BOUNDS) + 1,),
+        I8,
+        _delay,
+        predictions=False,
+        joined=True,
+        lines=(_hist_lines(LABEL_DELAY_BOUNDS)[0], 0),
+    ),
+    Measure("delay_sum", _scalar, F8, _delay_sum, predictions=False, joined=True),
     # Quality per segment: cumulative only (windows are Prometheus' increase() of the
     # counters): per-pane copies for the longest window would cost segments x classes
     # x ring per model version (docs/architecture.md).
@@ -352,13 +392,16 @@ MEASURES: Final[tuple[Measure, ...]] = (
         I8,
         _seg_cls,
         windowed=False,
+        joined=True,
         lines=lambda c: (_segments(c) * (1 + 3 * _classes(c)), 0),
     ),
-    Measure("seg_lab", lambda c: (_segments(c),), I8, _seg_lab, windowed=False),
-    Measure("seg_abs", lambda c: (_segments(c),), F8, _seg_abs, windowed=False),
-    Measure("seg_sq", lambda c: (_segments(c),), F8, _seg_sq, windowed=False),
+    Measure("seg_lab", lambda c: (_segments(c),), I8, _seg_lab, windowed=False, joined=True),
+    Measure("seg_abs", lambda c: (_segments(c),), F8, _seg_abs, windowed=False, joined=True),
+    Measure("seg_sq", lambda c: (_segments(c),), F8, _seg_sq, windowed=False, joined=True),
 )
 BY_NAME: Final = {m.name: m for m in MEASURES}
+PREDICTION_MEASURES: Final = tuple(m for m in MEASURES if m.predictions)
+JOINED_MEASURES: Final = tuple(m for m in MEASURES if m.joined)
 
 
 def tails(config: StateConfig) -> dict[str, tuple[int, ...]]:
@@ -368,7 +411,16 @@ def tails(config: StateConfig) -> dict[str, tuple[int, ...]]:
 def table_signature(config: StateConfig) -> list[list[object]]:
     """What of the table a snapshot depends on (hashed into ``StateConfig.digest``)."""
     return [
-        [m.name, list(m.tail(config)), np.dtype(m.dtype).str, m.windowed, m.drift] for m in MEASURES
+        [
+            m.name,
+            list(m.tail(config)),
+            np.dtype(m.dtype).str,
+            m.windowed,
+            m.drift,
+            m.predictions,
+            m.joined,
+        ]
+        for m in MEASURES
     ]
 
 

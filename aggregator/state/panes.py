@@ -16,7 +16,13 @@ import numpy as np
 
 from aggregator.state.binning import dense
 from aggregator.state.config import StateConfig
-from aggregator.state.measures import MEASURES, Measure, tails
+from aggregator.state.measures import (
+    JOINED_MEASURES,
+    MEASURES,
+    PREDICTION_MEASURES,
+    Measure,
+    tails,
+)
 from aggregator.state.rows import Rows
 from aggregator.window import NO_TIME, closed_panes
 
@@ -88,14 +94,15 @@ class PaneStore:
     def window_end_ms(self) -> int:
         return self.closed * self.config.pane_ms
 
-    def add(self, pane: np.ndarray, rows: Rows) -> None:
-        """Bin the rows (event-time pane each) into their panes' slots."""
+    def add(self, pane: np.ndarray, rows: Rows, *, joined: bool = False) -> None:
+        """Bin the rows (event-time pane each) into their panes' slots: predictions into
+        the measures that take them, or (``joined``) labels joined later."""
         panes, u = dense(pane)
         m = self.capacity
         rows.um = u * m + rows.mv  # (pane, model-version) cell of each row
         n_cells = len(panes) * m
         sums: dict[str, np.ndarray] = {}
-        for measure in MEASURES:
+        for measure in JOINED_MEASURES if joined else PREDICTION_MEASURES:
             found = _bin(measure, rows, self.tails[measure.name], n_cells)
             if found is not None:
                 sums[measure.name] = found.reshape((len(panes), m, *self.tails[measure.name]))

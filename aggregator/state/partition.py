@@ -9,6 +9,7 @@ same arrays. A batch is validated (``checks``), then only accepted rows are inte
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from aggregator.catalog import Catalog
+from aggregator.join.chunks import DEFAULT_MAX_BYTES
+from aggregator.join.joiner import LABEL_REASONS, UNKNOWN, JoinState, Matched
+from aggregator.join.labels import LabelChunk
 from aggregator.state.batch import Batch, Item, groups, kept_features
 from aggregator.state.binning import Buckets
 from aggregator.state.checks import value_reasons
@@ -28,6 +32,7 @@ from aggregator.state.config import (
 )
 from aggregator.state.drift import DriftReferences
 from aggregator.state.intern import Interner
+from aggregator.state.joined import bin_matched, label_reasons, pending_columns
 from aggregator.state.panes import PaneStore, WindowAggregate
 from aggregator.state.resources import Resources
 from aggregator.state.rows import Rows
@@ -62,6 +67,10 @@ class StateView:
     max_event_ms: int
     window_end_ms: int
     next_offset: int
+    # The label join (None when off): per model version "pending", "expired",
+    # "evicted"; and labels that changed no metric, by reason.
+    join: dict[str, np.ndarray] | None = None
+    unmatched_labels: dict[str, int] | None = None
 
 
 class PartitionState:
@@ -81,6 +90,10 @@ class PartitionState:
         self._err_edges = np.asarray(c.error_bounds)
         self.panes = PaneStore(c, self._take_references)
         self.drift = DriftReferences(c, self.panes.tails)
+        self.join = JoinState(c.join) if c.join is not None else None
+        # Dead letters of labels decided while ingesting predictions (an early label
+        # whose wait ran out, or whose prediction it does not fit): (offset, reason).
+        self.label_letters: list[tuple[np.ndarray, np.ndarray]] = []
         self._windows: tuple[WindowAggregate, ...] = ()
         self._window_key: tuple[int, int] | None = None
         self.grow(4)
@@ -90,6 +103,8 @@ class PartitionState:
         old = self.panes.capacity
         if self.panes.grow(need):
             self.drift.grow(old, self.panes.capacity)
+            if self.join is not None:
+                self.join.grow(self.panes.capacity)
 
     _grow = grow  # the name tests and older callers use
 
@@ -203,20 +218,20 @@ class PartitionState:
         keep = cand & (reason < 0)
         if keep.any():
             rows: np.ndarray | slice = slice(None) if keep.all() else np.flatnonzero(keep)
-            cols = {"pred": ids.pred, "label": ids.label, "seg": ids.seg}
-            cols.update((k, c[k]) for k in ("lat", "out", "score", "pv", "lv"))
-            self.panes.add(
-                np.floor_divide(t[rows], cfg.pane_ms),
-                Rows(
-                    cfg,
-                    ids.mv[rows],
-                    {k: v[rows] for k, v in cols.items()},
-                    self._buckets,
-                    self._err_edges,
-                    kept_features(ids.feats, keep, rows),
-                ),
-            )
+            cols = {"pred": ids.pred, "label": ids.label, "seg": ids.seg, "t": t}
+            cols.update((k, c[k]) for k in ("lat", "out", "score", "pv", "lv", "key"))
+            kept = {k: v[rows] for k, v in cols.items()}
+            mv = ids.mv[rows]
+            feats = kept_features(ids.feats, keep, rows)
+            rows_in = Rows(cfg, mv, kept, self._buckets, self._err_edges, feats)
+            self.panes.add(np.floor_divide(kept["t"], cfg.pane_ms), rows_in)
+            if self.join is not None:
+                self._wait_for_labels(kept, mv)
         self.panes.close(closed_panes(self.max_event_ms, cfg.lateness_ms, cfg.pane_ms))
+        if self.join is not None:
+            waited = self.join.expire(self.max_event_ms)
+            if waited.size:
+                self.label_letters.append((waited, np.full(waited.size, UNKNOWN)))
         for at, record in b.beats:
             if reason[at] < 0:
                 self._resources.add(record)
@@ -233,6 +248,55 @@ class PartitionState:
         self.events_accepted += accepted
         self.version += 1
         return c["off"][bad], reason[bad], accepted
+
+    # -- labels joined later (aggregator.join) -----------------------------------------
+
+    def _wait_for_labels(self, kept: dict[str, np.ndarray], mv: np.ndarray) -> None:
+        assert self.join is not None
+        keys, columns = pending_columns(kept, mv, kept["pred"], kept["seg"])
+        matched = self.join.add_predictions(keys, columns)
+        if matched is not None:
+            self._settle(matched)
+
+    def _settle(self, matched: Matched) -> int:
+        """Bin the pairs that fit; put the others' predictions back and dead-letter their
+        labels. Returns the pairs binned."""
+        assert self.join is not None
+        why = bin_matched(self, matched)
+        refused = why >= 0
+        if refused.any():
+            self.join.unmatch(matched, refused)
+            self._letters(matched.labels.offset[refused], why[refused])
+        return int(refused.size - refused.sum())
+
+    def _letters(self, offsets: np.ndarray, why: np.ndarray) -> None:
+        assert self.join is not None
+        if why.size:
+            np.add.at(self.join.unmatched, why, 1)
+            self.label_letters.append((offsets, why))
+
+    def ingest_labels(self, labels: LabelChunk, next_offset: int) -> IngestResult:
+        """Join a batch of the feedback partition's labels (in log order); returns the
+        labels that changed no metric (offset, ``LABEL_REASONS`` code) for dead letters,
+        with those decided meanwhile by predictions (``label_letters``)."""
+        if self.join is None:
+            raise RuntimeError("ingest_labels: this state has no join (StateConfig.join)")
+        why = label_reasons(labels)
+        bad = why >= 0
+        self._letters(labels.offset[bad], why[bad])
+        good = labels.take(~bad)
+        matched, reason = self.join.match(good)
+        missed = reason >= 0
+        self._letters(good.offset[missed], reason[missed])
+        binned = self._settle(matched)
+        self.join.next_offset = next_offset
+        self.version += 1
+        letters, self.label_letters = self.label_letters, []
+        if not letters:
+            return IngestResult(np.empty(0, np.int64), np.empty(0, np.int64), binned)
+        offsets = np.concatenate([o for o, _ in letters]).astype(np.int64)
+        reasons = np.concatenate([r for _, r in letters]).astype(np.int64)
+        return IngestResult(offsets, reasons, binned)
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
         """Count messages rejected before ingest (undecodable and the like)."""
@@ -253,6 +317,7 @@ class PartitionState:
             self._windows = tuple(self.window(w) for w in self.config.windows_ms)
             self._window_key = key
         lim = self.config.limits
+        j = self.join
         entries = [
             (
                 e.model,
@@ -279,25 +344,65 @@ class PartitionState:
             max_event_ms=self.max_event_ms,
             window_end_ms=self.window_end_ms,
             next_offset=self.next_offset,
+            join=None if j is None else {k: v[:m].copy() for k, v in j.per_mv.items()},
+            unmatched_labels=None
+            if j is None
+            else dict(zip(LABEL_REASONS, j.unmatched.tolist(), strict=True)),
         )
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        """The whole state as one compressed record (for the compacted state topic)."""
+    def to_bytes(self, chunks: Sequence[Sequence[bytes]] = ()) -> bytes:
+        """The whole state as one compressed record (for the compacted state topic).
+
+        With a join, pass its stores' ``join_chunks()``: they are written as records of
+        their own before this one, which names them."""
         from aggregator.state.snapshot import snapshot  # noqa: PLC0415 (cycle)
 
-        return snapshot(self)
+        return snapshot(self, chunks)
+
+    def to_records(self, max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
+        """The snapshot as records to write in this order: the join stores' chunks (each
+        at most ``max_bytes``), then the head (``to_bytes``). ``from_records`` reads it."""
+        chunks = self.join_chunks(max_bytes)
+        return [*(c for store in chunks for c in store), self.to_bytes(chunks)]
+
+    @classmethod
+    def from_records(cls, records: Sequence[bytes], config: StateConfig) -> PartitionState:
+        """Restore what ``to_records`` wrote (the head last)."""
+        return cls.from_bytes(records[-1], config, chunks=records[:-1])
+
+    @staticmethod
+    def chunks_before(head: bytes) -> int:
+        """How many chunk records were written just before this head (a reader of the
+        state topic reads them back from the head's offset)."""
+        size = int.from_bytes(head[:4], "big")
+        meta = json.loads(head[4 : 4 + size])
+        join = meta.get("join")
+        return sum(int(c["count"]) for c in join["chunks"]) if join else 0
+
+    def join_chunks(self, max_bytes: int = DEFAULT_MAX_BYTES) -> list[list[bytes]]:
+        """The join stores as snapshot chunks of at most ``max_bytes`` (none without a
+        join): one list per store, in the order ``from_bytes`` takes them flattened."""
+        from aggregator.state.snapshot import join_chunks  # noqa: PLC0415 (cycle)
+
+        return join_chunks(self, max_bytes)
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, config: StateConfig, *, rebuild: bool = False
+        cls,
+        data: bytes,
+        config: StateConfig,
+        *,
+        rebuild: bool = False,
+        chunks: Sequence[bytes] = (),
     ) -> PartitionState:
-        """Restore a snapshot; a different config raises ``ConfigMismatch``."""
+        """Restore a snapshot (and its join chunks); a different config raises
+        ``ConfigMismatch``."""
         from aggregator.state.snapshot import restore  # noqa: PLC0415 (cycle)
 
         state = cls(config, 0)
-        restore(data, state)
+        restore(data, state, chunks)
         return state
 
 

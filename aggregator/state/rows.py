@@ -27,6 +27,7 @@ class Rows:
         buckets: tuple[Buckets, Buckets],
         err_edges: np.ndarray,
         feats: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        delay: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.mv = mv
@@ -42,6 +43,7 @@ class Rows:
         self.lat_buckets, self.score_buckets = buckets
         self.err_edges = err_edges
         self.feats = feats  # (row, feature id, value) of accepted rows' features
+        self.delay = delay  # joined labels: seconds from prediction to label
         self.ncls = config.limits.max_classes
         self.nseg = config.limits.max_segments
 
