@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from aggregator.errors import AggregatorError
-from aggregator.settings import AggregatorSettings
+from aggregator.settings import AggregatorSettings, shown
 from aggregator.webconfig import WebConfigError
 
 __all__ = ["main", "parse_settings"]
@@ -30,6 +30,15 @@ Run one process per shard, each with its own --http-port; all shards with the sa
 
 
 def _parser() -> argparse.ArgumentParser:
+    """One flag per settings field, generated from the model.
+
+    argparse rather than pydantic-settings' CLI source (``cli_parse_args``): that one
+    shows the typed values (``--pane int ... (default: 10000)``, ``--windows
+    tuple[int,...]``), knows no ``--log-level`` unless it is a settings field, and
+    hides no secret's flag by itself; bending it took more lines than this loop. Flags
+    pass text on and the model parses it (``aggregator.settings``), so a flag and its
+    environment variable take the same strings.
+    """
     parser = argparse.ArgumentParser(
         prog="modelpulse-aggregator",
         description="Consume prediction events from Kafka and expose exact windowed "
@@ -39,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     for name, field in AggregatorSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = field.default if field.default_factory is None else "(computed)"
+        default = "(computed)" if field.default_factory else shown(field, field.default)
         if "SecretStr" in str(field.annotation):
-            default = None  # a secret's default is never shown, nor any value
+            default = "None"  # a secret's default is never shown, nor any value
         help_text = f"{field.description or ''} [env MODELPULSE_{name.upper()}; default {default}]"
         if field.annotation is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
@@ -128,7 +137,7 @@ def _connection_error(settings: AggregatorSettings, wait_seconds: float = 5.0) -
     try:
         probe = Producer(
             # log_level 0: the cause is reported once, in the error line, not also on stderr.
-            {**settings.kafka_config(), **settings.kafka, "error_cb": errors.append, "log_level": 0}
+            {**settings.kafka_config(), "error_cb": errors.append, "log_level": 0}
         )
     except KafkaException as exc:
         return str(exc.args[0].str() if exc.args else exc)

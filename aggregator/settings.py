@@ -1,51 +1,105 @@
 """Settings of an aggregator shard: one pydantic-settings model, env prefix ``MODELPULSE_``.
 
 Read once in the entry point (environment, then command-line flags win); the rest
-of the package takes the validated object.
+of the package takes the validated object, whose durations are already milliseconds
+and whose bucket lists are tuples (``Duration``, ``Durations``, ``Bounds``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import socket
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Final
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aggregator.catalog import Limits
-from aggregator.state import CALIBRATION_BINS, StateConfig, load_reference_file
+from aggregator.durations import format_duration, parse_duration_ms
+from aggregator.state import StateConfig, load_reference_file
+from aggregator.state.measures import lines_per_model_version
 from schemas.connection import KafkaConnection, RegistryConnection
 from schemas.registry import SchemaRegistry
 
-__all__ = ["AggregatorSettings", "parse_duration_ms"]
+__all__ = ["AggregatorSettings", "Bounds", "Duration", "Durations", "parse_duration_ms", "shown"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def parse_duration_ms(text: str | int | float) -> int:
-    """ "10s" -> 10000; "1.5m" -> 90000; a bare number is seconds.
-
-    >>> parse_duration_ms("5m")
-    300000
-    """
-    if isinstance(text, int | float):
-        return int(float(text) * 1000)
-    match = _DURATION.match(text)
-    if not match:
-        try:
-            return int(float(text) * 1000)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a duration like 500ms, 10s, 5m, 1h") from None
-    return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+# The defaults of what shapes state live with it (StateConfig, Limits), so a test that
+# builds a StateConfig() and a shard started without flags agree; the settings read them.
+_STATE: Final = StateConfig()
+_LIMITS: Final = Limits()
 
 
-def _floats(text: str | list[float]) -> tuple[float, ...]:
-    if isinstance(text, list | tuple):
-        return tuple(float(x) for x in text)
-    return tuple(float(x) for x in text.split(",") if x.strip())
+@dataclass(frozen=True, slots=True)
+class _Shown:
+    """How ``--help`` writes a typed value back as the text a flag takes."""
+
+    text: Callable[[Any], str]
+
+
+def shown(field: FieldInfo, value: Any) -> str:
+    """``value`` of ``field`` as its flag would take it: 10000 -> "10s" for a Duration."""
+    marks = [m for m in field.metadata if isinstance(m, _Shown)]
+    return marks[0].text(value) if marks else str(value)
+
+
+def _duration(value: Any) -> Any:
+    # Text is parsed; an int is already milliseconds (the typed value, as dumped).
+    return parse_duration_ms(value) if isinstance(value, str) else value
+
+
+def _durations(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [w for w in value.split(",") if w.strip()]
+    if isinstance(value, list | tuple):
+        return tuple(_duration(w) for w in value)
+    return value
+
+
+def _bounds_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{value!r}: comma-separated numbers expected") from None
+
+
+def _increasing(bounds: tuple[float, ...]) -> tuple[float, ...]:
+    if not bounds or list(bounds) != sorted(set(bounds)):
+        raise ValueError("bucket bounds must be strictly increasing")
+    return bounds
+
+
+def _some(windows: tuple[int, ...]) -> tuple[int, ...]:
+    if not windows:
+        raise ValueError("at least one window")
+    return windows
+
+
+# Parsed once, at validation: flags and environment variables take text ("10s",
+# "1m,5m,1h", "0.1,0.5"), the rest of the code reads milliseconds and tuples. NoDecode:
+# the environment's text goes to the parser, not to JSON.
+Duration = Annotated[int, BeforeValidator(_duration), Field(ge=0), _Shown(format_duration)]
+"""Milliseconds; text is "500ms", "10s", "5m", "1h", "1d" or a bare number of seconds."""
+Durations = Annotated[
+    tuple[int, ...],
+    NoDecode,
+    BeforeValidator(_durations),
+    AfterValidator(_some),
+    _Shown(lambda ms: ",".join(map(format_duration, ms))),
+]
+"""Milliseconds, one or more; text is comma-separated durations ("1m,5m,1h")."""
+Bounds = Annotated[
+    tuple[float, ...],
+    NoDecode,
+    BeforeValidator(_bounds_text),
+    AfterValidator(_increasing),
+    _Shown(lambda bounds: ",".join(format(b, "g") for b in bounds)),
+]
+"""Strictly increasing histogram upper bounds; text is comma-separated ("0.1,0.5,1")."""
 
 
 class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
@@ -69,28 +123,31 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
     )
     http_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
     http_port: int = Field(9464, ge=0, le=65535, description="Port of this shard's endpoints.")
-    pane: str = Field("10s", description="Tumbling pane size (event time).")
-    windows: str = Field("1m,5m,1h", description="Sliding windows, multiples of the pane.")
-    lateness: str = Field("10s", description="Allowed lateness before a pane closes.")
-    max_future: str = Field(
-        "5m",
+    pane: Duration = Field(_STATE.pane_ms, description="Tumbling pane size (event time).")
+    windows: Durations = Field(
+        _STATE.windows_ms, description="Sliding windows, multiples of the pane."
+    )
+    lateness: Duration = Field(
+        _STATE.lateness_ms, description="Allowed lateness before a pane closes."
+    )
+    max_future: Duration = Field(
+        _STATE.max_future_ms,
         description="Events (and markers) further ahead than this of min(their Kafka "
         "timestamp, the shard's clock at ingest) are rejected.",
     )
-    latency_buckets: str = Field(
-        "0.001,0.0025,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10",
-        description="Upper bounds (seconds) of the latency histogram.",
+    latency_buckets: Bounds = Field(
+        _STATE.latency_bounds, description="Upper bounds (seconds) of the latency histogram."
     )
-    error_buckets: str = Field(
-        "-10,-5,-2.5,-1,-0.5,-0.25,-0.1,0,0.1,0.25,0.5,1,2.5,5,10",
+    error_buckets: Bounds = Field(
+        _STATE.error_bounds,
         description="Upper bounds of the regression prediction-error histogram.",
     )
-    score_buckets: str = Field(
-        ",".join(str(round(0.05 * i, 2)) for i in range(1, 21)),
-        description="Upper bounds of the score histogram.",
+    score_buckets: Bounds = Field(
+        _STATE.score_bounds, description="Upper bounds of the score histogram."
     )
-    drift_reference: str = Field(
-        "5m", description="Drift reference: the first full window of this length per version."
+    drift_reference: Duration = Field(
+        _STATE.drift_reference_ms,
+        description="Drift reference: the first full window of this length per version.",
     )
     drift_reference_file: str | None = Field(
         None,
@@ -98,21 +155,29 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         "features); models without an entry use the first full window.",
     )
     max_models: int = Field(
-        100, ge=1, description="Models per partition; more fold into __overflow__."
+        _LIMITS.max_models, ge=1, description="Models per partition; more fold into __overflow__."
     )
-    max_versions_per_model: int = Field(5, ge=1, description="Versions per model.")
-    max_classes: int = Field(16, ge=2, le=256, description="Classes per model (incl. overflow).")
-    max_features: int = Field(8, ge=1, le=128, description="Monitored features per model.")
-    max_segments: int = Field(8, ge=1, le=256, description="Segment values per model.")
+    max_versions_per_model: int = Field(
+        _LIMITS.max_versions_per_model, ge=1, description="Versions per model."
+    )
+    max_classes: int = Field(
+        _LIMITS.max_classes, ge=2, le=256, description="Classes per model (incl. overflow)."
+    )
+    max_features: int = Field(
+        _LIMITS.max_features, ge=1, le=128, description="Monitored features per model."
+    )
+    max_segments: int = Field(
+        _LIMITS.max_segments, ge=1, le=256, description="Segment values per model."
+    )
     max_name_length: int = Field(
-        256,
+        _STATE.max_name_length,
         ge=1,
         le=65536,
         description="Longest model/version/class/feature/segment/service name (characters); "
         "longer ones are dead-lettered as name_too_long.",
     )
     max_rows_per_envelope: int = Field(
-        200_000,
+        _STATE.max_rows_per_envelope,
         ge=1,
         description="Rows of one PredictionBatch envelope; larger ones are dead-lettered "
         "as envelope_too_large.",
@@ -124,12 +189,14 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         "families together (what does not fit is left out whole and counted in "
         "modelpulse_series_dropped); also bounds the model versions one partition tracks.",
     )
-    snapshot_interval: str = Field("5s", description="How often state is snapshotted + committed.")
-    idle_timeout: str = Field(
-        "30s", description="A partition without events this long gets a watermark marker."
+    snapshot_interval: Duration = Field(
+        5000, description="How often state is snapshotted + committed."
+    )
+    idle_timeout: Duration = Field(
+        30_000, description="A partition without events this long gets a watermark marker."
     )
     batch_size: int = Field(20_000, ge=1, le=1_000_000, description="Messages per consume call.")
-    render_interval: str = Field("1s", description="Least time between two /metrics renders.")
+    render_interval: Duration = Field(1000, description="Least time between two /metrics renders.")
     rebuild_state: bool = Field(
         False, description="Ignore snapshots made with another config (windows restart empty)."
     )
@@ -142,38 +209,6 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         description="exporter-toolkit web config (YAML: tls_server_config, basic_auth_users "
         "with bcrypt hashes) protecting /metrics, /healthz and /readyz.",
     )
-
-    @field_validator(
-        "pane",
-        "lateness",
-        "max_future",
-        "snapshot_interval",
-        "idle_timeout",
-        "render_interval",
-        "drift_reference",
-    )
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration_ms(value)
-        return value
-
-    @field_validator("windows")
-    @classmethod
-    def _windows(cls, value: str) -> str:
-        if not [parse_duration_ms(w) for w in value.split(",") if w.strip()]:
-            raise ValueError("at least one window")
-        return value
-
-    @field_validator("latency_buckets", "error_buckets", "score_buckets")
-    @classmethod
-    def _buckets(cls, value: str) -> str:
-        try:
-            bounds = _floats(value)
-        except ValueError:
-            raise ValueError(f"{value!r}: comma-separated numbers expected") from None
-        if not bounds or list(bounds) != sorted(set(bounds)):
-            raise ValueError("bucket bounds must be strictly increasing")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregatorSettings:
@@ -193,26 +228,29 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         return self.registry_client()
 
     def state_config(self) -> StateConfig:
-        """The part of the settings that shapes state (hashed into snapshots)."""
-        windows = tuple(parse_duration_ms(w) for w in self.windows.split(",") if w.strip())
-        per_mv = self._series_per_model_version(len(windows))
+        """The part of the settings that shapes state (hashed into snapshots).
+
+        ``max_series`` over the worst-case sample lines of one model version (summed
+        from the measure table, ``lines_per_model_version``) bounds the model versions a
+        partition tracks (memory); the shard-wide cap on lines is applied at render time
+        (``build_families(max_series=...)``).
+        """
         limits = Limits(
             max_models=self.max_models,
             max_versions_per_model=self.max_versions_per_model,
             max_classes=self.max_classes,
             max_features=self.max_features,
             max_segments=self.max_segments,
-            max_model_versions=max(2, self.max_series // per_mv),
         )
-        return StateConfig(
-            pane_ms=parse_duration_ms(self.pane),
-            windows_ms=windows,
-            lateness_ms=parse_duration_ms(self.lateness),
-            max_future_ms=parse_duration_ms(self.max_future),
-            latency_bounds=_floats(self.latency_buckets),
-            score_bounds=_floats(self.score_buckets),
-            error_bounds=_floats(self.error_buckets),
-            drift_reference_ms=parse_duration_ms(self.drift_reference),
+        config = StateConfig(
+            pane_ms=self.pane,
+            windows_ms=self.windows,
+            lateness_ms=self.lateness,
+            max_future_ms=self.max_future,
+            latency_bounds=self.latency_buckets,
+            score_bounds=self.score_buckets,
+            error_bounds=self.error_buckets,
+            drift_reference_ms=self.drift_reference,
             limits=limits,
             reference_samples=load_reference_file(self.drift_reference_file)
             if self.drift_reference_file
@@ -220,23 +258,13 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
             max_name_length=self.max_name_length,
             max_rows_per_envelope=self.max_rows_per_envelope,
         )
+        per_mv = self._series_per_model_version(len(self.windows), config)
+        most = max(2, self.max_series // per_mv)
+        return replace(config, limits=replace(limits, max_model_versions=most))
 
-    def _series_per_model_version(self, n_windows: int) -> int:
-        """Worst-case sample lines of one model version: ``max_series`` over it bounds the
-        model versions a partition tracks (memory). The shard-wide cap on lines is
-        applied at render time (``build_families(max_series=...)``)."""
-        c, f, s = self.max_classes, self.max_features, self.max_segments
-        hist = sum(
-            len(_floats(b)) + 3
-            for b in (self.latency_buckets, self.score_buckets, self.error_buckets)
-        )
-        # ... + per segment: labelled rows and 3 counts a class (a regressor's 3 are fewer).
-        # ... + model_drift_reference_info.
-        cumulative = 4 + 3 + 2 + 2 + c * c + s + hist + 2 * CALIBRATION_BINS + s * (1 + 3 * c) + 1
-        # ... + ECE, Brier, estimated accuracy and its gap + drift: at most 4 methods
-        # (psi, js, ks, wasserstein) x (score, prediction, each feature).
-        per_window = 3 + 3 + 2 + 1 + 5 * (c + 1) + 4 + 4 * (f + 2)
-        return cumulative + n_windows * per_window
+    def _series_per_model_version(self, n_windows: int, config: StateConfig | None = None) -> int:
+        """Worst-case sample lines of one model version (the measure table's sum)."""
+        return lines_per_model_version(config or self.state_config(), n_windows)
 
     def kafka_config(self) -> dict[str, Any]:
         """librdkafka settings shared by the shard's consumer and producer."""
@@ -244,12 +272,12 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
 
     @property
     def snapshot_interval_seconds(self) -> float:
-        return parse_duration_ms(self.snapshot_interval) / 1000
+        return self.snapshot_interval / 1000
 
     @property
     def idle_timeout_ms(self) -> int:
-        return parse_duration_ms(self.idle_timeout)
+        return self.idle_timeout
 
     @property
     def render_interval_seconds(self) -> float:
-        return parse_duration_ms(self.render_interval) / 1000
+        return self.render_interval / 1000

@@ -1,4 +1,4 @@
-"""The per-event writer of the producer against fastavro: the same bytes for any row."""
+"""The per-event writer (schemas.codec, used by the producer) against fastavro: same bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from producer.encode import Row, _long, _longs, encode_event, encode_events
+from schemas.codec import Row, _long, _longs, encode_event, encode_events
 from schemas.wire import OUTCOMES
 
 texts = st.text(max_size=80) | st.sampled_from(["\x00", "é" * 70, "x" * 64])
