@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aggregator.catalog import Limits
 from aggregator.durations import format_duration, parse_duration_ms
+from aggregator.join.joiner import JoinLimits
 from aggregator.state import StateConfig, load_reference_file
 from aggregator.state.measures import lines_per_model_version
 from schemas.connection import KafkaConnection, RegistryConnection
@@ -29,6 +30,7 @@ __all__ = ["AggregatorSettings", "Bounds", "Duration", "Durations", "parse_durat
 # The defaults of what shapes state live with it (StateConfig, Limits), so a test that
 # builds a StateConfig() and a shard started without flags agree; the settings read them.
 _STATE: Final = StateConfig()
+_JOIN: Final = JoinLimits()
 _LIMITS: Final = Limits()
 
 
@@ -120,6 +122,30 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         "modelpulse-references",
         description="Compacted topic of drift references from training (producer."
         "publish_reference), used in preference to the first window; empty: not read.",
+    )
+    feedback_topic: str = Field(
+        "",
+        description="Topic of labels sent later by event id (PredictionPublisher.label, "
+        "modelpulse-labels; e.g. prediction-feedback), co-partitioned with --input-topic; "
+        "empty: no join, only labels given at publish() count.",
+    )
+    label_ttl: Duration = Field(
+        _JOIN.ttl_ms,
+        description="How long (prediction event time) a prediction waits for its label.",
+    )
+    label_wait: Duration = Field(
+        _JOIN.wait_ms,
+        description="How long (prediction event time) a label that came before its "
+        "prediction waits for it.",
+    )
+    max_pending: int = Field(
+        _JOIN.max_pending,
+        ge=1,
+        description="Predictions waiting for a label, per partition (~48 bytes each); "
+        "beyond, the oldest are evicted and counted.",
+    )
+    max_early_labels: int = Field(
+        _JOIN.max_early, ge=1, description="Labels waiting for their prediction, per partition."
     )
     http_host: str = Field("0.0.0.0", description="Address of /metrics, /healthz, /readyz.")
     http_port: int = Field(9464, ge=0, le=65535, description="Port of this shard's endpoints.")
@@ -257,6 +283,15 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
             else (),
             max_name_length=self.max_name_length,
             max_rows_per_envelope=self.max_rows_per_envelope,
+            join=JoinLimits(
+                ttl_ms=self.label_ttl,
+                wait_ms=self.label_wait,
+                max_pending=self.max_pending,
+                max_early=self.max_early_labels,
+                max_seen=self.max_pending,
+            )
+            if self.feedback_topic
+            else None,
         )
         per_mv = self._series_per_model_version(len(self.windows), config)
         most = max(2, self.max_series // per_mv)

@@ -58,9 +58,9 @@ class JoinLimits:
 
     ttl_ms: int = 7 * 86_400_000
     wait_ms: int = 300_000
-    max_pending: int = 10_000_000
+    max_pending: int = 1_000_000
     max_early: int = 1_000_000
-    max_seen: int = 10_000_000
+    max_seen: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
