@@ -42,19 +42,26 @@ Example: a prediction store and a store of labels that came first::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from aggregator.join.chunks import DEFAULT_MAX_BYTES, SnapshotError, decode_chunks, encode_chunks
+from aggregator.join.inputs import (
+    Columns,
+    Schema,
+    as_keys,
+    checked,
+    distinct_keys,
+    first_of_each,
+    valid_schema,
+)
 from aggregator.join.oldest import OldestFirst
 from aggregator.join.table import EMPTY, I64, TOMB, U64, find, place
 
 __all__ = ["LABEL_COLUMNS", "PREDICTION_COLUMNS", "Columns", "InsertResult", "PendingStore"]
 
-Schema = tuple[tuple[str, str], ...]  # (name, little-endian numpy dtype) per column
-Columns = dict[str, npt.NDArray[Any]]  # name -> one value per entry; "key" is the id hash
 
 # What a joined label needs of its prediction, at the precision the metrics use:
 # the class code (-1 for regression) or the predicted value share ``predicted``.
@@ -87,16 +94,9 @@ class PendingStore:
     """Entries keyed by a nonzero uint64, with columns ``schema``, under a cap."""
 
     def __init__(self, schema: Schema, time_column: str, cap: int) -> None:
-        names = [name for name, _ in schema]
-        if time_column not in names:
-            raise ValueError(f"time_column: {time_column!r} is not one of {names}")
-        if "key" in names or len(set(names)) != len(names):
-            raise ValueError(f"schema: names must be unique and not 'key', got {names}")
-        if np.dtype(dict(schema)[time_column]).kind != "i":
-            raise ValueError(f"time_column: {time_column!r} must be an integer column")
+        self.schema: Final = valid_schema(schema, time_column)
         if cap < 1:
             raise ValueError(f"cap: must be >= 1, got {cap}")
-        self.schema: Final = tuple((n, np.dtype(d).str) for n, d in schema)
         self.time_column: Final = time_column
         self._cap = int(cap)
         self._n = 0
@@ -151,12 +151,12 @@ class PendingStore:
 
     def insert(self, keys: npt.ArrayLike, columns: Mapping[str, npt.ArrayLike]) -> InsertResult:
         """Store new entries; keys already stored (or repeated in the batch) are skipped."""
-        ks = _as_keys(keys)
+        ks = as_keys(keys)
         if ks.size and not ks.all():
             raise ValueError("keys: 0 is reserved for 'no id' and cannot be stored")
-        cols = _checked(self.schema, columns, ks.size)
+        cols = checked(self.schema, columns, ks.size)
         dup = np.ones(ks.size, np.bool_)
-        first = _first_of_each(ks)
+        first = first_of_each(ks)
         _, idx = self._find(ks[first])
         new = first[idx < 0]
         dup[new] = False
@@ -177,11 +177,11 @@ class PendingStore:
     def take(self, keys: npt.ArrayLike) -> tuple[npt.NDArray[np.bool_], Columns]:
         """Remove and return the entries of ``keys``: (found mask, their columns in key
         order). A key repeated in the batch is found once, at its first occurrence."""
-        ks = _as_keys(keys)
+        ks = as_keys(keys)
         slot, idx = self._find(ks)
         found = idx >= 0
         pos = np.flatnonzero(found)
-        firsts = _first_of_each(idx[pos])
+        firsts = first_of_each(idx[pos])
         if firsts.size < pos.size:
             found[:] = False
             pos = pos[firsts]
@@ -194,7 +194,7 @@ class PendingStore:
     def peek(self, keys: npt.ArrayLike) -> tuple[npt.NDArray[np.bool_], Columns]:
         """The entries of ``keys`` without removing them: (found mask, their columns in
         key order; a repeated key is returned at each occurrence)."""
-        _, idx = self._find(_as_keys(keys))
+        _, idx = self._find(as_keys(keys))
         found = idx >= 0
         return found, self._gather(idx[found])
 
@@ -340,68 +340,24 @@ class PendingStore:
         caller must not use them afterwards.
         """
         store = cls(schema, time_column, cap)
-        keys = _as_keys(entries["key"])
-        n = keys.size
-        s = np.sort(keys)
-        if n and (not s[0] or (s[1:] == s[:-1]).any()):
-            raise ValueError("key: keys must be nonzero and distinct")
-        cols = _checked(store.schema, {k: v for k, v in entries.items() if k != "key"}, n)
-        store._keys = np.zeros(n + 2, np.uint64)
-        store._keys[:n] = keys
-        for name, col in cols.items():
-            own = not copy and col.flags.writeable and col.flags.c_contiguous
-            store._cols[name] = col if own else col.copy()
-        store._n = n
-        slots = _MIN_SLOTS
-        while keys.size > _RESTORE_LOAD * slots:
-            slots *= 2
-        store._rehash(slots)
-        if keys.size:
-            store._min_time = int(cols[time_column].min())
+        _load(store, entries, copy)
         return store
 
 
-def _as_keys(keys: npt.ArrayLike) -> U64:
-    arr = np.asarray(keys)
-    if arr.ndim != 1:
-        raise ValueError(f"keys: expected a 1-d array, got shape {arr.shape}")
-    if arr.dtype == np.uint64:
-        return arr
-    if arr.size == 0:
-        return np.empty(0, np.uint64)
-    if arr.dtype.kind not in "iu" or arr.min() < 0:
-        raise ValueError(f"keys: expected uint64 id hashes, got {arr.dtype}")
-    return arr.astype(np.uint64)
-
-
-def _first_of_each(values: npt.NDArray[Any]) -> I64:
-    """Positions of the first occurrence of each distinct value, ascending."""
-    s = np.sort(values)  # cheap check first: repeats are rare
-    if not (s[1:] == s[:-1]).any():
-        return np.arange(values.size, dtype=np.int64)
-    order = np.argsort(values, kind="stable")
-    head = np.ones(values.size, np.bool_)
-    head[1:] = values[order[1:]] != values[order[:-1]]
-    return np.sort(order[head]).astype(np.int64)
-
-
-def _checked(schema: Schema, columns: Mapping[str, npt.ArrayLike], m: int) -> Columns:
-    """The batch's columns in their stored dtypes, or a ValueError naming the column."""
-    missing = [n for n, _ in schema if n not in columns]
-    extra = sorted(set(columns) - {n for n, _ in schema})
-    if missing or extra:
-        raise ValueError(f"columns: missing {missing}, unexpected {extra}")
-    out: Columns = {}
-    for name, dtype in schema:
-        arr = np.asarray(columns[name])
-        target = np.dtype(dtype)
-        if arr.ndim != 1 or arr.size != m:
-            raise ValueError(f"{name}: expected {m} values, got shape {arr.shape}")
-        if arr.size and not np.can_cast(arr.dtype, target, "same_kind"):
-            raise ValueError(f"{name}: cannot store {arr.dtype} values as {target}")
-        if arr.size and target.kind == "i" and arr.dtype.itemsize > target.itemsize:
-            info = np.iinfo(target)
-            if arr.min() < info.min or arr.max() > info.max:
-                raise ValueError(f"{name}: values outside the range of {target}")
-        out[name] = arr.astype(target, copy=False)
-    return out
+def _load(store: PendingStore, entries: Mapping[str, npt.ArrayLike], copy: bool) -> None:
+    """Fill an empty store with ``entries``, in their order (``from_entries``)."""
+    keys = distinct_keys(entries["key"])
+    n = keys.size
+    cols = checked(store.schema, {k: v for k, v in entries.items() if k != "key"}, n)
+    store._keys = np.zeros(n + 2, np.uint64)
+    store._keys[:n] = keys
+    for name, col in cols.items():
+        own = not copy and col.flags.writeable and col.flags.c_contiguous
+        store._cols[name] = col if own else col.copy()
+    store._n = n
+    slots = _MIN_SLOTS
+    while n > _RESTORE_LOAD * slots:
+        slots *= 2
+    store._rehash(slots)
+    if n:
+        store._min_time = int(cols[store.time_column].min())
