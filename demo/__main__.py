@@ -12,9 +12,7 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -24,19 +22,28 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic
-from prometheus_client.parser import text_string_to_metric_families
 
 from demo.fleet import INCIDENTS, Fleet, default_models
+from demo.procs import (
+    ROOT,
+    Samples,
+    ScriptError,
+    ShardProcess,
+    parse_metrics,
+    printed,
+    run_script,
+    stop_all,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN = Path(os.environ.get("MODELPULSE_RUN_DIR", ROOT / ".run")) / "demo"
 
 
-def _sh(*args: str) -> str:
-    proc = subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo: {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
+def _sh(script: str, *args: str) -> str:
+    """``scripts/<script> args``; a failure ends the demo with the script's output."""
+    try:
+        return run_script(script, *args, timeout=None)
+    except ScriptError as exc:
+        raise SystemExit(f"demo: {exc}") from exc
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,17 +81,17 @@ def _ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
         fut.result(30)
 
 
-def _scrape(ports: list[int]) -> dict[str, list[tuple[dict[str, str], float]]]:
-    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    for port in ports:
+def _scrape(shards: list[ShardProcess]) -> Samples:
+    """Every answering shard's samples, merged (a shard starting or gone is skipped)."""
+    out: Samples = defaultdict(list)
+    for shard in shards:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                text = r.read().decode()
+            status, text = shard.get("/metrics", timeout=2)
         except OSError:
             continue
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[s.name].append((dict(s.labels), float(s.value)))
+        if status == 200:
+            for name, rows in parse_metrics(text).items():
+                out[name].extend(rows)
     return out
 
 
@@ -219,44 +226,34 @@ def main(argv: list[str] | None = None) -> int:
     print("demo: starting Kafka (KRaft) ...", flush=True)
     # Each run starts from empty topics: state from an older run (or an older version
     # of the aggregator's config) is not this demo's business.
-    _sh("scripts/kafka.sh", "clean", "--name", "demo")
+    _sh("kafka.sh", "clean", "--name", "demo")
     if not args.no_prometheus:
-        _sh("scripts/prometheus.sh", "clean", "--name", "demo")
-    out = _sh("scripts/kafka.sh", "start", "--name", "demo", "--port", str(args.kafka_port))
-    match = re.search(r"^bootstrap=(\S+)$", out, re.MULTILINE)
-    assert match is not None
-    bootstrap = match.group(1)
+        _sh("prometheus.sh", "clean", "--name", "demo")
+    out = _sh("kafka.sh", "start", "--name", "demo", "--port", str(args.kafka_port))
+    bootstrap = printed(out, "bootstrap")
     topic = "predictions"
     _ensure_topic(bootstrap, topic, args.partitions)
 
     ports = [args.first_shard_port + i for i in range(args.shards)]
-    shards: list[subprocess.Popen[bytes]] = []
-    for i, port in enumerate(ports):
-        with (RUN / f"shard-{i}.log").open("ab") as log:
-            shards.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "aggregator",
-                        "--bootstrap-servers",
-                        bootstrap,
-                        "--http-port",
-                        str(port),
-                        "--http-host",
-                        "127.0.0.1",
-                        "--shard-id",
-                        f"shard-{i}",
-                        "--idle-timeout",
-                        "20s",
-                        "--drift-reference",
-                        "1m",
-                    ],
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+    shards = [
+        ShardProcess(
+            [
+                "--bootstrap-servers",
+                bootstrap,
+                "--http-host",
+                "127.0.0.1",
+                "--shard-id",
+                f"shard-{i}",
+                "--idle-timeout",
+                "20s",
+                "--drift-reference",
+                "1m",
+            ],
+            port,
+            RUN / f"shard-{i}.log",
+        ).start()
+        for i, port in enumerate(ports)
+    ]
     prometheus_url = None
     if not args.no_prometheus:
         targets = ROOT / "prometheus" / "targets"
@@ -264,17 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         (targets / "aggregators.json").write_text(
             json.dumps([{"targets": [f"127.0.0.1:{p}" for p in ports], "labels": {"env": "demo"}}])
         )
-        out = _sh(
-            "scripts/prometheus.sh", "start", "--name", "demo", "--port", str(args.prometheus_port)
-        )
+        _sh("prometheus.sh", "start", "--name", "demo", "--port", str(args.prometheus_port))
         prometheus_url = f"http://127.0.0.1:{args.prometheus_port}"
 
     fleet = Fleet(bootstrap, topic, default_models(args.models), args.rate)
     fleet.start()
     print(f"demo: Kafka {bootstrap}, topic {topic!r} ({args.partitions} partitions)")
-    for i, port in enumerate(ports):
-        log_path = RUN / f"shard-{i}.log"
-        print(f"demo: aggregator shard-{i}: http://127.0.0.1:{port}/metrics  (log {log_path})")
+    for i, shard in enumerate(shards):
+        print(f"demo: aggregator shard-{i}: {shard.url}/metrics  (log {shard.log_path})")
     if prometheus_url:
         print(f'demo: Prometheus {prometheus_url}  (try: model_accuracy{{window="1m"}})')
     print(
@@ -295,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         while not stopping:
             if args.duration and fleet.elapsed() >= args.duration:
                 break
-            if any(s.poll() is not None for s in shards):
+            if not all(s.alive() for s in shards):
                 print("demo: an aggregator shard exited; see its log", file=sys.stderr)
                 break
             if time.monotonic() >= next_summary:
                 next_summary += args.interval
-                print(_summary(_scrape(ports), fleet.elapsed()), flush=True)
+                print(_summary(_scrape(shards), fleet.elapsed()), flush=True)
                 print(_alerts(prometheus_url), flush=True)
             time.sleep(0.2)
     finally:
@@ -309,17 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndemo: stopping fleet, shards, Prometheus and Kafka ...", flush=True)
         fleet.stop()
         stats = fleet.publisher.stats()
-        final = _scrape(ports)
-        for s in shards:
-            s.send_signal(signal.SIGTERM)
-        for s in shards:
-            try:
-                s.wait(30)
-            except subprocess.TimeoutExpired:
-                s.kill()
+        final = _scrape(shards)
+        stop_all(shards, timeout=30)
         if prometheus_url:
-            _sh("scripts/prometheus.sh", "stop", "--name", "demo")
-        _sh("scripts/kafka.sh", "stop", "--name", "demo")
+            _sh("prometheus.sh", "stop", "--name", "demo")
+        _sh("kafka.sh", "stop", "--name", "demo")
         counted = _value(final, "inference_predictions_total") or 0
         print(
             f"demo: published {stats.published} predictions ({stats.sent} acknowledged, "

@@ -8,8 +8,6 @@ started once and stopped at the end if this session started it.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +15,9 @@ from typing import Any
 
 import pytest
 
+# The test helpers (tests/), and the repo root for ``demo`` (the dev stack's supervisor,
+# demo/procs.py), which the editable install does not ship, whatever pytest's cwd is.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kafka_util import (
@@ -29,13 +30,14 @@ from kafka_util import (
 )
 from shards import ShardProcess, free_port, shard_args
 
+from demo.procs import printed, run_script, script_succeeds
+
 TEST_CLUSTER = "pytest"
 # Every fixed port of the test services (here and in the test modules: 28xxx-29xxx) is
 # below Linux's ephemeral range (32768-60999): a shard's free_port() or any client's
 # outgoing socket can hold a port of that range when a broker wants to bind it.
 TEST_PORT = int(os.environ.get("MODELPULSE_TEST_KAFKA_PORT", "29092"))
 TEST_REGISTRY_PORT = int(os.environ.get("MODELPULSE_TEST_REGISTRY_PORT", "28081"))
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,6 +53,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def long(request: pytest.FixtureRequest) -> bool:
+    """Whether this run is ``--long``: a test with a long form (soak, faults) runs it."""
+    return bool(request.config.getoption("--long"))
 
 
 @pytest.fixture(scope="session")
@@ -87,25 +95,16 @@ def schema_registry_url() -> Iterator[str]:
     if given:
         yield given
         return
-    script = ["bash", str(ROOT / "scripts" / "registry.sh")]
     name = ["--name", TEST_CLUSTER]
-    already = subprocess.run([*script, "status", *name], capture_output=True, check=False)
-    started = subprocess.run(
-        [*script, "start", *name, "--port", str(TEST_REGISTRY_PORT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    already = script_succeeds("registry.sh", "status", *name)
+    started = run_script(
+        "registry.sh", "start", *name, "--port", str(TEST_REGISTRY_PORT), timeout=300
     )
-    if started.returncode != 0:
-        raise RuntimeError(f"registry.sh start failed:\n{started.stdout}\n{started.stderr}")
-    match = re.search(r"^url=(\S+)$", started.stdout, re.MULTILINE)
-    assert match, started.stdout
     try:
-        yield match.group(1)
+        yield printed(started, "url")
     finally:
-        if already.returncode != 0:
-            subprocess.run([*script, "stop", *name], capture_output=True, timeout=60, check=False)
+        if not already:
+            script_succeeds("registry.sh", "stop", *name)
 
 
 @pytest.fixture

@@ -1,38 +1,27 @@
-"""Helpers for tests that talk to a real Kafka broker (started by scripts/kafka.sh)."""
+"""Helpers for tests that talk to a real Kafka broker (started by scripts/kafka.sh through
+the dev stack's supervisor, demo/procs.py)."""
 
 from __future__ import annotations
 
 import gc
 import os
-import re
-import subprocess
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from demo.procs import ScriptError, run_script, script_succeeds
+from demo.procs import start_kafka as start_local_cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"
-
-
-def run_script(
-    script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180.0
-) -> str:
-    """Run ``scripts/<script>`` and return its output; raise with the output on failure."""
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
 
 
 def kafka_script(*args: str, timeout: float = 180.0) -> str:
@@ -42,22 +31,42 @@ def kafka_script(*args: str, timeout: float = 180.0) -> str:
 
 def cluster_running(name: str) -> bool:
     """Whether scripts/kafka.sh has a live cluster of that name (status exits 0)."""
-    proc = subprocess.run(
-        ["bash", str(KAFKA_SH), "status", "--name", name],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return proc.returncode == 0
+    return script_succeeds(KAFKA_SH.name, "status", "--name", name)
 
 
-def start_local_cluster(name: str, port: int, brokers: int = 1) -> str:
-    out = kafka_script("start", "--name", name, "--port", str(port), "--brokers", str(brokers))
-    match = re.search(r"^bootstrap=(\S+)$", out, re.MULTILINE)
-    if not match:
-        raise RuntimeError(f"kafka.sh start printed no bootstrap line:\n{out}")
-    return match.group(1)
+@dataclass(frozen=True)
+class PrivateCluster:
+    """A scripts/kafka.sh cluster of one test module's own, so stopping or crashing its
+    brokers disturbs nobody else: ``outage_broker = PrivateCluster("x", 29192).fixture()``."""
+
+    name: str
+    port: int
+    brokers: int = 1
+
+    def start(self) -> str:
+        """Start it (or its stopped brokers again); its bootstrap."""
+        return start_local_cluster(self.name, self.port, self.brokers)
+
+    def stop(self) -> None:
+        """SIGKILL every broker (a crash); ``start()`` brings them back with their data."""
+        kafka_script("stop", "--name", self.name, "--kill")
+
+    def clean(self) -> None:
+        kafka_script("clean", "--name", self.name, "--kill")
+
+    def fixture(self) -> Any:
+        """A module-scoped fixture giving the bootstrap of a fresh cluster (what an aborted
+        run left is wiped first), wiped when the module is done."""
+
+        @pytest.fixture(scope="module")
+        def bootstrap() -> Iterator[str]:
+            self.clean()
+            try:
+                yield self.start()
+            finally:
+                self.clean()
+
+        return bootstrap
 
 
 def docker_available() -> bool:
@@ -144,11 +153,15 @@ def consume_all(
 
 __all__ = [
     "KafkaException",
+    "PrivateCluster",
+    "ScriptError",
     "cluster_running",
     "consume_all",
     "create_topic",
     "docker_available",
     "kafka_script",
+    "run_script",
+    "script_succeeds",
     "start_local_cluster",
     "unique",
 ]

@@ -1,4 +1,5 @@
-"""Helpers of tests/test_reliability.py: quick scrapes, process sampling, result files."""
+"""Helpers of the tests/test_reliability_*.py suites: quick scrapes, process sampling,
+result files, and the times and settings the suites share."""
 
 from __future__ import annotations
 
@@ -17,8 +18,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shards import shard_args
+
+from aggregator.settings import AggregatorSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "reliability" / "results"
+OUTCOME_NAMES = ("ok", "error", "timeout", "rejected")
+T0_MS = 1_700_000_300_000  # in the past, aligned to panes
+
+
+def shard_settings(**overrides: Any) -> AggregatorSettings:
+    """The settings a shard started with ``shard_args(..., **overrides)`` runs with."""
+    from aggregator.__main__ import parse_settings
+
+    settings, _ = parse_settings(shard_args("127.0.0.1:1", "t", **overrides))
+    return settings
+
 
 _OWNED = re.compile(r'^modelpulse_events_total\{partition="(\d+)"\} ', re.MULTILINE)
 _LAG = re.compile(r'^modelpulse_consumer_lag\{partition="(\d+)"\} (\S+)$', re.MULTILINE)

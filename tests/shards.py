@@ -1,106 +1,55 @@
-"""Run aggregator shards as real processes and read their /metrics (test helper)."""
+"""Run aggregator shards as real processes, feed them rows and markers, read their /metrics
+(test helper).
+
+The processes themselves (``ShardProcess``, ``wait_until``, ``free_port``) are the dev
+stack's supervisor, demo/procs.py, which ``python -m demo`` uses too.
+"""
 
 from __future__ import annotations
 
-import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
-from fastavro import schemaless_writer
-from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.shard import MARKER_HEADER
-from schemas.wire import SchemaId, frame, parsed_schema
+from demo.procs import ROOT, Samples, ShardProcess, free_port, parse_metrics, wait_until
+from producer.encode import Row
+from schemas.codec import MARKER_GROUP_HEADER, encode_marker
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def parse_metrics(text: str) -> Samples:
-    out: Samples = defaultdict(list)
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name].append((dict(s.labels), float(s.value)))
-    return out
+__all__ = [
+    "ROOT",
+    "Samples",
+    "ShardProcess",
+    "free_port",
+    "make_row",
+    "merged",
+    "owned",
+    "parse_metrics",
+    "send_markers",
+    "shard_args",
+    "total",
+    "wait_assigned",
+    "wait_until",
+]
 
 
-@dataclass
-class ShardProcess:
-    """One ``python -m aggregator`` child process."""
-
-    args: list[str]
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ShardProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = self._spawn(log)
-        return self
-
-    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "aggregator", *self.args, "--http-port", str(self.port)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no final snapshot, no goodbye to the group."""
-        if self.proc is not None and self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def get(self, path: str = "/metrics", timeout: float = 5.0) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def scrape(self) -> Samples:
-        status, body = self.get()
-        assert status == 200, body
-        return parse_metrics(body)
-
-    def log_tail(self, n: int = 60) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
+def make_row(model: str, t_s: float, **kw: Any) -> Row:
+    """A valid classification row of ``model`` at ``t_s``; ``kw`` overrides any field."""
+    base: dict[str, Any] = dict(
+        model=model,
+        version="v1",
+        time=t_s,
+        latency_seconds=0.01,
+        outcome=0,
+        prediction="x",
+        score=0.5,
+        label="x",
+        segment=None,
+        features=None,
+        event_id="",
+    )
+    base.update(kw)
+    return Row(**base)
 
 
 def shard_args(bootstrap: str, topic: str, **overrides: Any) -> list[str]:
@@ -129,21 +78,6 @@ def shard_args(bootstrap: str, topic: str, **overrides: Any) -> list[str]:
     return args
 
 
-def wait_until(predicate: Any, timeout: float, what: str, shards: list[ShardProcess] = ()) -> Any:  # type: ignore[assignment]
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # a shard restarting refuses connections for a moment
-            last_exc = exc
-        time.sleep(0.25)
-    logs = "\n\n".join(f"--- {s.log_path.name}\n{s.log_tail()}" for s in shards)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last_exc})\n{logs}")
-
-
 def send_markers(
     bootstrap: str, topic: str, partitions: int, event_time_ms: int, group_id: str | None = None
 ) -> None:
@@ -152,15 +86,9 @@ def send_markers(
     Shards accept markers only with the header their own group writes; the group is
     ``shard_args``'s default unless given.
     """
-    out = io.BytesIO()
-    schemaless_writer(
-        out,
-        parsed_schema(SchemaId.WATERMARK_MARKER),
-        {"event_time_ms": event_time_ms, "origin": "test"},
-    )
-    value = frame(SchemaId.WATERMARK_MARKER, out.getvalue())
+    value = encode_marker(event_time_ms, "test")
     producer = Producer({"bootstrap.servers": bootstrap})
-    header = [(MARKER_HEADER, (group_id or f"{topic}-agg").encode())]
+    header = [(MARKER_GROUP_HEADER, (group_id or f"{topic}-agg").encode())]
     for p in range(partitions):
         producer.produce(topic, value, partition=p, headers=header)
     assert producer.flush(30) == 0

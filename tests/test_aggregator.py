@@ -16,6 +16,7 @@ from kafka_util import consume_all
 from shards import (
     Samples,
     ShardProcess,
+    make_row,
     merged,
     send_markers,
     total,
@@ -326,22 +327,7 @@ def test_bad_input_is_dead_lettered_and_the_shard_keeps_counting(
     shard = start_shard(topic, max_future="1h")
     t = T0_MS / 1000 + 1
 
-    def row(**kw: Any) -> Row:
-        base = dict(
-            model="m",
-            version="v",
-            time=t,
-            latency_seconds=0.01,
-            outcome=0,
-            prediction="a",
-            score=0.5,
-            label="a",
-            segment=None,
-            features=None,
-            event_id="",
-        )
-        base.update(kw)
-        return Row(**base)
+    row = functools.partial(make_row, "m", t, version="v", prediction="a", label="a")
 
     poison = {
         "truncated": b"\x00\x00",

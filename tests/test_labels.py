@@ -10,7 +10,6 @@ import io
 import math
 import os
 import subprocess
-import sys
 import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from fastavro import schemaless_reader
 from kafka_util import consume_all
 
 from aggregator.decode import SchemaResolver
+from demo.procs import run_module
 from producer import InvalidEvent, PredictionPublisher, PublisherClosed, PublisherSettings
 from producer import labels as labels_cli
 from schemas.registry import SchemaRegistry
@@ -310,15 +310,7 @@ def _cli(
         "PYTHONPATH": str(ROOT),
         **env_extra,
     }
-    return subprocess.run(
-        [sys.executable, "-m", "producer.labels", "--progress-seconds", "0.001", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    return run_module("producer.labels", "--progress-seconds", "0.001", *args, env=env, stdin=stdin)
 
 
 def _summary(stdout: str) -> dict[str, str]:

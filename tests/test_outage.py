@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
-import pytest
-from kafka_util import consume_all, create_topic, kafka_script, start_local_cluster, unique
+from kafka_util import PrivateCluster, consume_all, create_topic, unique
 
 from producer import PredictionPublisher, PublisherSettings
 
-CLUSTER = "outage"
-PORT = int(os.environ.get("MODELPULSE_TEST_OUTAGE_PORT", "29192"))
-
-
-@pytest.fixture(scope="module")
-def outage_bootstrap() -> Iterator[str]:
-    bootstrap = start_local_cluster(CLUSTER, PORT)
-    yield bootstrap
-    kafka_script("clean", "--name", CLUSTER)
+OUTAGE = PrivateCluster("outage", int(os.environ.get("MODELPULSE_TEST_OUTAGE_PORT", "29192")))
+outage_bootstrap = OUTAGE.fixture()
 
 
 def _publish_for(pub: PredictionPublisher, seconds: float, rate: int) -> tuple[int, list[float]]:
@@ -52,13 +43,13 @@ def test_broker_down_then_back_delivers_everything_buffered(outage_bootstrap: st
     )
     before, _ = _publish_for(pub, 1.0, 2000)
     assert pub.flush(30) == 0
-    kafka_script("stop", "--name", CLUSTER, "--kill")
+    OUTAGE.stop()
     during, calls = _publish_for(pub, 4.0, 2000)  # publish() keeps returning at once
     calls.sort()
     p99 = calls[int(len(calls) * 0.99)]
     assert p99 < 0.005, f"p99 publish() call {p99 * 1e6:.0f} us while the broker is down"
     assert pub.stats().sent == before
-    start_local_cluster(CLUSTER, PORT)
+    OUTAGE.start()
     assert pub.flush(60) == 0
     stats = pub.close()
     assert stats.dropped == 0 and stats.failed == 0
@@ -72,7 +63,7 @@ def test_broker_down_then_back_delivers_everything_buffered(outage_bootstrap: st
 
 def test_broker_down_past_the_delivery_timeout_counts_failures(outage_bootstrap: str) -> None:
     topic = create_topic(outage_bootstrap, unique("outage"))
-    kafka_script("stop", "--name", CLUSTER, "--kill")
+    OUTAGE.stop()
     try:
         pub = PredictionPublisher(
             PublisherSettings(
@@ -95,4 +86,4 @@ def test_broker_down_past_the_delivery_timeout_counts_failures(outage_bootstrap:
         assert stats.dropped == dropped_now  # buffer-full drops are counted, not failures
         assert stats.published == accepted
     finally:
-        start_local_cluster(CLUSTER, PORT)
+        OUTAGE.start()

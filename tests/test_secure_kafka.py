@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from kafka_util import kafka_script, unique
 from shards import ROOT, ShardProcess, free_port, parse_metrics, shard_args, total, wait_until
 
+from demo.procs import run_module, script_result
 from producer import PredictionPublisher, PublisherSettings
 
 SASL_PORT = int(os.environ.get("MODELPULSE_TEST_SASL_PORT", "28192"))
@@ -238,15 +237,9 @@ def test_mtls_without_client_certificate_is_refused(mtls: Secured) -> None:
 
 def test_secrets_stay_out_of_help_repr_and_errors(sasl: Secured) -> None:
     env = {**os.environ, **sasl.env(ssl_key_password="key-" + sasl.password)}
-    out = subprocess.run(
-        [sys.executable, "-m", "aggregator", "--help"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    helped = run_module("aggregator", "--help", env=env, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    out = helped.stdout
     assert "--sasl-password" in out and "--ssl-key-password" in out
     _assert_no_secret(sasl.password, out)
     from aggregator.settings import AggregatorSettings
@@ -272,15 +265,9 @@ def test_broker_files_hold_no_client_password(sasl: Secured) -> None:
 def test_cluster_start_refuses_a_missing_scram_password(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_SCRAM_PASSWORD"}
     env["MODELPULSE_RUN_DIR"] = str(tmp_path / "run")
-    script = str(ROOT / "scripts" / "kafka.sh")
     port = str(free_port())
-    proc = subprocess.run(
-        ["bash", script, "start", "--name", "nopw", "--port", port, "--security", "sasl_ssl"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = script_result(
+        "kafka.sh", "start", "--name", "nopw", "--port", port, "--security", "sasl_ssl", env=env
     )
     assert proc.returncode == 1
     assert "KAFKA_SCRAM_PASSWORD" in proc.stderr

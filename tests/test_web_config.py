@@ -12,7 +12,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -23,11 +22,12 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from kafka_util import create_topic, run_script, unique
-from shards import ROOT, ShardProcess, free_port, shard_args, wait_until
+from kafka_util import create_topic, run_script, script_succeeds, unique
+from shards import ShardProcess, free_port, shard_args, wait_until
 
 from aggregator.server import MetricsServer
 from aggregator.webconfig import WebConfig, WebConfigError, load_web_config
+from demo.procs import run_module
 
 USER = "prometheus"
 
@@ -218,14 +218,7 @@ def test_web_config_must_come_before_start(tls_server: MetricsServer) -> None:
 def test_cli_refuses_a_bad_web_config_file(tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text("basic_auth_users: {u: nothash}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "aggregator", "--web-config-file", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_module("aggregator", "--web-config-file", str(path), timeout=60)
     assert proc.returncode == 2
     assert "--web-config-file: basic_auth_users.u: not a bcrypt hash" in proc.stderr
     assert "nothash" not in proc.stderr
@@ -304,13 +297,7 @@ def test_prometheus_scrapes_a_shard_over_tls_with_basic_auth(
         ]
         assert "401" in wrong[0]["lastError"], wrong
     finally:
-        subprocess.run(
-            ["bash", str(ROOT / "scripts" / "prometheus.sh"), "stop", "--name", name],
-            capture_output=True,
-            check=False,
-            env=env,
-            timeout=60,
-        )
+        script_succeeds("prometheus.sh", "stop", "--name", name, env=env)  # failure: gone already
         code = shard.terminate()
     assert code == 0, shard.log_tail()
     assert password not in shard.log_path.read_text()
