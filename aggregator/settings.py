@@ -144,6 +144,11 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         description="Predictions waiting for a label, per partition (~48 bytes each); "
         "beyond, the oldest are evicted and counted.",
     )
+    label_coverage_age: Duration = Field(
+        _JOIN.coverage_age_ms,
+        description="model_label_coverage counts a prediction still without its label "
+        "as not covered once it is this old (set it past the usual label delay).",
+    )
     max_early_labels: int = Field(
         _JOIN.max_early, ge=1, description="Labels waiting for their prediction, per partition."
     )
@@ -289,6 +294,7 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
                 max_pending=self.max_pending,
                 max_early=self.max_early_labels,
                 max_seen=self.max_pending,
+                coverage_age_ms=self.label_coverage_age,
             )
             if self.feedback_topic
             else None,

@@ -73,6 +73,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FEEDBACK = "prediction-feedback"
+
+
 def _ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     if topic in admin.list_topics(timeout=10).topics:
@@ -134,6 +137,19 @@ def _summary(samples: Any, elapsed: float) -> str:
             f"{_fmt(_value(samples, 'model_mae', **w), '8.2f')}"
             f"{_fmt(None if p99 is None else p99 * 1000, '8.1f')}"
             f"{_fmt(max(drift_rows) if drift_rows else None, '8.2f')}"
+        )
+    for model, version in models:
+        pending = _value(samples, "model_pending_predictions", model=model, version=version)
+        joined = _value(samples, "model_joined_labels_total", model=model, version=version)
+        if not pending and not joined:
+            continue  # its labels come inline, at publish()
+        coverage = _value(samples, "model_label_coverage", model=model, version=version)
+        unmatched = _value(samples, "modelpulse_unmatched_labels_total") or 0
+        lines.append(
+            f" late labels of {model}: {joined or 0:.0f} joined, {pending or 0:.0f} pending"
+            f" (waiting up to the 7d time to live), coverage (older than 3m) "
+            f"{'-' if coverage is None else format(coverage, '.1%')}, "
+            f"{unmatched:.0f} unmatched (all models)"
         )
     dead = _value(samples, "modelpulse_dead_lettered_total") or 0
     lag = _value(samples, "modelpulse_consumer_lag") or 0
@@ -233,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap = printed(out, "bootstrap")
     topic = "predictions"
     _ensure_topic(bootstrap, topic, args.partitions)
+    # Late labels (fraud-detector's, 90 s after the prediction) go to a topic
+    # co-partitioned with the predictions, so each shard joins its own partitions.
+    _ensure_topic(bootstrap, FEEDBACK, args.partitions)
 
     ports = [args.first_shard_port + i for i in range(args.shards)]
     shards = [
@@ -248,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                 "20s",
                 "--drift-reference",
                 "1m",
+                "--feedback-topic",
+                FEEDBACK,
+                "--label-coverage-age",
+                "3m",  # fraud-detector's labels come 90 s late
             ],
             port,
             RUN / f"shard-{i}.log",

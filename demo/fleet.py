@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -63,6 +64,10 @@ class SimulatedModel:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     # Labels per second whatever the prediction rate (replaces label_fraction, see at_rate).
     labels_per_second: float | None = None
+    # > 0: the label is not given at publish() but sent this many seconds later by event
+    # id (PredictionPublisher.label), as a chargeback confirms fraud: the aggregator joins
+    # it to its prediction (--feedback-topic).
+    label_delay_s: float = 0.0
 
     def at_rate(self, rate: float) -> SimulatedModel:
         """This model published ``rate`` times a second (an absolute label rate applied)."""
@@ -123,7 +128,9 @@ class SimulatedModel:
 
 def default_models(n: int, seed: int = 1) -> list[SimulatedModel]:
     base = [
-        SimulatedModel("fraud-detector", "v3", ["legit", "fraud"], 0.018, 0.93, 0.4),
+        SimulatedModel(
+            "fraud-detector", "v3", ["legit", "fraud"], 0.018, 0.93, 0.4, label_delay_s=90.0
+        ),
         SimulatedModel("churn-predictor", "v1", ["stay", "leave"], 0.025, 0.85, 0.6),
         SimulatedModel(
             "intent-router", "v7", ["buy", "browse", "support", "cancel", "other"], 0.045, 0.8, 0.5
@@ -198,9 +205,17 @@ class Fleet:
         period = 1.0 / self.rate
         next_at = time.monotonic()
         publish = self.publisher.publish
+        late: deque[tuple[float, str, object]] = deque()  # (due, event id, label)
         while not self._stop.is_set():
             event = model.predict(self.elapsed(), self.incidents)
-            publish(model.name, model.version, **event)  # type: ignore[arg-type]
+            label = event.pop("label", None) if model.label_delay_s else None
+            event_id = publish(model.name, model.version, **event)  # type: ignore[arg-type]
+            now = time.monotonic()
+            if label is not None:
+                late.append((now + model.label_delay_s, event_id, label))
+            while late and late[0][0] <= now:
+                _, due_id, due_label = late.popleft()
+                self.publisher.label(model.name, due_id, due_label, version=model.version)
             next_at += period
             delay = next_at - time.monotonic()
             if delay > 0:

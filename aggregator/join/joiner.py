@@ -61,6 +61,9 @@ class JoinLimits:
     max_pending: int = 1_000_000
     max_early: int = 1_000_000
     max_seen: int = 1_000_000
+    # Label coverage counts a pending prediction as "not labelled" once it is this old:
+    # a label may still come, but most should have (set it past the usual delay).
+    coverage_age_ms: int = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,13 @@ class JoinState:
             self.names, self._name_ids = [], {}  # nothing refers to them any more
         offsets: np.ndarray = waited["offset"]
         return offsets
+
+    def old_pending(self, watermark_ms: int, capacity: int) -> np.ndarray:
+        """Pending predictions per model version older than ``coverage_age_ms``."""
+        entries = self.pending.entries()
+        old = entries["event_time_ms"] < watermark_ms - self.limits.coverage_age_ms
+        counts: np.ndarray = np.bincount(entries["version"][old], minlength=capacity)
+        return counts[:capacity]
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -146,7 +146,9 @@ def _join_rows(
     cols.extend("model_pending_predictions", mvl, v.join["pending"], owners)
     for reason, counts in (("ttl", expired), ("cap", evicted)):
         cols.extend("model_expired_predictions", [(*lab, reason) for lab in mvl], counts, owners)
-    done = joined + expired + evicted  # predictions whose label had its chance
+    # Predictions whose label had its chance: joined, gone unlabelled, or still pending
+    # past the coverage age (--label-coverage-age).
+    done = joined + expired + evicted + v.join["old_pending"]
     has = np.flatnonzero(done > 0)
     cols.extend(
         "model_label_coverage", [mvl[i] for i in has.tolist()], joined[has] / done[has], owners[has]

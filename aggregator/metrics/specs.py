@@ -129,7 +129,8 @@ _FIXED_SPECS: Final[tuple[tuple[str, str, str, tuple[str, ...]], ...]] = (
     (
         "model_label_coverage",
         "gauge",
-        "Joined / (joined + expired + evicted): the share of predictions whose label came.",
+        "Joined / (joined + expired + evicted + pending older than --label-coverage-age): "
+        "the share of predictions old enough to be labelled whose label came.",
         _MV,
     ),
     ("model_info", "gauge", "A model version seen in this partition (value 1).", (*_MV, "task")),

@@ -96,6 +96,8 @@ class PartitionState:
         self.label_letters: list[tuple[np.ndarray, np.ndarray]] = []
         self._windows: tuple[WindowAggregate, ...] = ()
         self._window_key: tuple[int, int] | None = None
+        self._old_key: tuple[int, int] | None = None
+        self._old_pending = np.zeros(0, np.int64)
         self.grow(4)
 
     def grow(self, need: int) -> None:
@@ -344,11 +346,22 @@ class PartitionState:
             max_event_ms=self.max_event_ms,
             window_end_ms=self.window_end_ms,
             next_offset=self.next_offset,
-            join=None if j is None else {k: v[:m].copy() for k, v in j.per_mv.items()},
+            join=None if j is None else self._join_view(j, m),
             unmatched_labels=None
             if j is None
             else dict(zip(LABEL_REASONS, j.unmatched.tolist(), strict=True)),
         )
+
+    def _join_view(self, j: JoinState, m: int) -> dict[str, np.ndarray]:
+        """Per model version counts of the join; the old pending ones (a scan of the
+        store) only when panes closed, like the windows."""
+        key = (self.closed, m)
+        if self._old_key != key:
+            self._old_pending = j.old_pending(self.max_event_ms, m)
+            self._old_key = key
+        out = {k: v[:m].copy() for k, v in j.per_mv.items()}
+        out["old_pending"] = self._old_pending.copy()
+        return out
 
     # -- snapshots ---------------------------------------------------------------------
 
