@@ -32,6 +32,8 @@ import pytest
 from confluent_kafka import Producer
 from kafka_util import create_topic, run_script, script_succeeds, unique
 from shards import ShardProcess, free_port, send_markers, shard_args, wait_assigned, wait_until
+from test_prometheus_rules import exported_series, metric_names
+from test_prometheus_rules import rules as prometheus_rules
 
 from aggregator.settings import AggregatorSettings
 from demo.fleet import INCIDENTS, SimulatedModel, default_models
@@ -74,6 +76,11 @@ JOIN_SERIES = re.compile(
 )
 # Live labels wait this long before they are sent: late, by a little.
 LABEL_DELAY_S = 2.0
+# Whether the shards consume --feedback-topic and join late labels (issue 9, item 2). Off
+# until aggregator/shard.py reads that topic: the settings take it already, but a shard
+# given one then fails its first snapshot. Switch it on there; the late-label panels then
+# must show data and test_late_label_panels_live runs instead of skipping.
+LATE_LABELS_LIVE = False
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -207,6 +214,21 @@ def test_dashboard_structure(path: Path) -> None:
                 assert window in allowed, f"{panel['title']}: {fn}(...[{window}])"
             if panel["type"] == "heatmap":
                 assert target["format"] == "heatmap" and "_bucket" in expr, panel["title"]
+
+
+def test_panel_queries_select_exported_or_recorded_series() -> None:
+    """No panel selects a series nobody exports or records: a renamed metric, or a typo in
+    a panel the live test cannot fill (the late-label ones while LATE_LABELS_LIVE is off)."""
+    known = set(exported_series()) | {rule["record"] for rule in prometheus_rules("record")}
+    checked = 0
+    for path in DASHBOARD_FILES:
+        for panel, target in query_targets(load(path)):
+            names = metric_names(target["expr"])
+            assert names, f"{path.name} {panel['title']!r}: selects nothing?"
+            unknown = names - known
+            assert not unknown, f"{path.name} {panel['title']!r} selects unknown {sorted(unknown)}"
+            checked += 1
+    assert checked
 
 
 def test_datasources_use_the_provisioned_uid() -> None:
@@ -507,7 +529,7 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     tmp = tmp_path_factory.mktemp("dashboards")
     topic = create_topic(kafka_bootstrap, unique("dash"), PARTITIONS)
     # Late labels once the shards can read a feedback topic (co-partitioned with the input).
-    joins = "feedback_topic" in AggregatorSettings.model_fields
+    joins = LATE_LABELS_LIVE and "feedback_topic" in AggregatorSettings.model_fields
     feedback = create_topic(kafka_bootstrap, f"{topic}-feedback", PARTITIONS) if joins else ""
     ports = [free_port(), free_port()]
     args = shard_args(
@@ -755,8 +777,8 @@ def test_late_label_panels_live(live: Live) -> None:
     """Joined labels, coverage and unmatched labels have values; ModelLabelsStopped is quiet."""
     if not live.joins:
         pytest.skip(
-            "the shards read no feedback topic yet (AggregatorSettings has no feedback_topic): "
-            "the late-label panel queries ran in test_panel_queries_return_data, without data"
+            "LATE_LABELS_LIVE is off (the shards do not consume --feedback-topic yet): the "
+            "late-label panel queries ran in test_panel_queries_return_data, without data"
         )
     sel = f'model="{CLASSIFIER}", version="{live.version(CLASSIFIER)}"'
     joined = live.query(f"sum(model_joined_labels_total{{{sel}}})")
