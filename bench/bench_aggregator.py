@@ -256,6 +256,7 @@ def _assign(consumer: Any, topic: str) -> None:
 
 def child_ours(args: argparse.Namespace, profiler: Any) -> dict[str, Any]:
 
+    from aggregator.edge import TopicPartitionKey  # noqa: PLC0415
     from aggregator.settings import AggregatorSettings  # noqa: PLC0415
     from aggregator.shard import Shard  # noqa: PLC0415
     from aggregator.state import PartitionState  # noqa: PLC0415
@@ -277,7 +278,7 @@ def child_ours(args: argparse.Namespace, profiler: Any) -> dict[str, Any]:
     consumer = shard.consumer
     high = _high(consumer, topic)  # connects to the broker before the clock starts
     state = PartitionState(shard.config, 0)
-    shard.states[0] = state
+    shard.states[TopicPartitionKey(topic, 0)] = state
     meter = Meter()
     batches = 0
     meter.start()

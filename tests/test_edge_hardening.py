@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from fastavro import schemaless_reader, schemaless_writer
+from fastavro import schemaless_reader
 from kafka_util import consume_all, create_topic, kafka_script, start_local_cluster, unique
 from shards import (
     Samples,
@@ -33,7 +33,8 @@ from shards import (
 from aggregator.__main__ import parse_settings
 from aggregator.shard import MARKER_HEADER, SHUTDOWN_BOUND_SECONDS, Shard
 from producer.encode import Row, encode_batch, encode_event
-from schemas.wire import SchemaId, frame, parsed_schema
+from schemas.codec import encode_marker, encode_record
+from schemas.wire import SchemaId, parsed_schema
 
 T0_MS = 1_700_000_400_000  # in the past, aligned to panes
 STOP_CLUSTER = "edge-stop"
@@ -104,9 +105,7 @@ def test_a_dead_letter_too_large_for_any_topic_is_truncated_not_fatal(
     body = good[5:]
     record: Any = schemaless_reader(io.BytesIO(body), parsed_schema(SchemaId.PREDICTION_BATCH))
     record["latency_seconds"] = bytes(80 * 1024 * 1024)  # 80 MB of zeros: ~78 kB gzipped
-    out = io.BytesIO()
-    schemaless_writer(out, parsed_schema(SchemaId.PREDICTION_BATCH), record)
-    huge = frame(SchemaId.PREDICTION_BATCH, out.getvalue())
+    huge = encode_record(SchemaId.PREDICTION_BATCH, record)
     producer = Producer(
         {
             "bootstrap.servers": kafka_bootstrap,
@@ -116,7 +115,7 @@ def test_a_dead_letter_too_large_for_any_topic_is_truncated_not_fatal(
     )
     producer.produce(topic, huge, b"k")
     assert producer.flush(60) == 0
-    del huge, record, out
+    del huge, record
     producer.produce(topic, good, b"k")
     assert producer.flush(30) == 0
     send_markers(kafka_bootstrap, topic, 1, T0_MS + 60_000)
@@ -189,19 +188,9 @@ def test_forged_timestamps_and_markers_do_not_make_real_events_late(
     wait_assigned([shard], 1)
     now_s = time.time()
     ahead_ms = int((now_s + 3600) * 1000)
-    marker = io.BytesIO()
-    schemaless_writer(
-        marker,
-        parsed_schema(SchemaId.WATERMARK_MARKER),
-        {"event_time_ms": ahead_ms, "origin": "forger"},
-    )
-    forged_marker = frame(SchemaId.WATERMARK_MARKER, marker.getvalue())
-    near = io.BytesIO()  # within max_future, but without the group's header
-    schemaless_writer(
-        near,
-        parsed_schema(SchemaId.WATERMARK_MARKER),
-        {"event_time_ms": int((now_s + 120) * 1000), "origin": "forger"},
-    )
+    forged_marker = encode_marker(ahead_ms, "forger")
+    # within max_future, but without the group's header
+    near = encode_marker(int((now_s + 120) * 1000), "forger")
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     first = [encode_event(_row("m", now_s - 30 + i / 10)) for i in range(5)]
     later = [encode_event(_row("m", now_s - 20 + i / 10)) for i in range(5)]
@@ -210,7 +199,7 @@ def test_forged_timestamps_and_markers_do_not_make_real_events_late(
     producer.produce(topic, encode_event(_row("m", now_s + 3600)), b"k", timestamp=ahead_ms)
     header = [(MARKER_HEADER, f"{topic}-agg".encode())]  # even knowing the group id
     producer.produce(topic, forged_marker, timestamp=ahead_ms, headers=header)
-    producer.produce(topic, frame(SchemaId.WATERMARK_MARKER, near.getvalue()))
+    producer.produce(topic, near)
     for value in later:
         producer.produce(topic, value, b"k")
     assert producer.flush(30) == 0

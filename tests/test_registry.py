@@ -32,8 +32,9 @@ from aggregator.errors import DecodeError
 from aggregator.settings import AggregatorSettings
 from aggregator.shard import MARKER_HEADER
 from producer import PredictionPublisher, PublisherSettings
+from schemas.codec import encode_marker
 from schemas.registry import RegistryUnavailable, SchemaNotFound, SchemaRegistry
-from schemas.wire import SchemaId, frame, parsed_schema, raw_schema
+from schemas.wire import SchemaId, frame, raw_schema
 
 with warnings.catch_warnings():
     # authlib (pulled in by the schema registry client) warns about its httpx module on
@@ -255,12 +256,8 @@ def test_own_markers_use_the_registry_id() -> None:
     resolver = _resolver(source, clock)
     sid = resolver.writer_id(SchemaId.WATERMARK_MARKER)
     assert source.registered == {"io.modelpulse.WatermarkMarker": sid}
-    out = io.BytesIO()
-    schemaless_writer(
-        out, parsed_schema(SchemaId.WATERMARK_MARKER), {"event_time_ms": 5, "origin": "s0"}
-    )
     # Another shard (a fresh resolver) reads it through the registry.
-    kind, rec = _resolver(source, clock).read(frame(sid, out.getvalue()))
+    kind, rec = _resolver(source, clock).read(encode_marker(5, "s0", sid))
     assert kind == SchemaId.WATERMARK_MARKER and rec["event_time_ms"] == 5
     assert SchemaResolver().writer_id(SchemaId.WATERMARK_MARKER) == SchemaId.WATERMARK_MARKER
 
@@ -382,12 +379,9 @@ def _send_marker(stack: Stack, marker_id: int) -> None:
     """A watermark marker that closes every pane so far, framed with the registry's id."""
     global _last_time_ms
     _last_time_ms += 5000  # past the lateness and the last pane; later events come after it
-    out = io.BytesIO()
-    marker = {"event_time_ms": _last_time_ms, "origin": "test"}
-    schemaless_writer(out, parsed_schema(SchemaId.WATERMARK_MARKER), marker)
     header = [(MARKER_HEADER, f"{stack.topic}-agg".encode())]  # shard_args' group id
     stack.producer.produce(
-        stack.topic, frame(marker_id, out.getvalue()), partition=0, headers=header
+        stack.topic, encode_marker(_last_time_ms, "test", marker_id), partition=0, headers=header
     )
     assert stack.producer.flush(30) == 0
 
