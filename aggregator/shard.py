@@ -41,6 +41,7 @@ from aggregator.edge import (
     restore_config,
 )
 from aggregator.errors import AggregatorError
+from aggregator.feedback import Feedback, ensure_feedback_topic
 from aggregator.metrics import ShardHealth
 from aggregator.partitions import (
     UNREADABLE,
@@ -79,8 +80,14 @@ _FINAL_FLUSH_SECONDS = 2.0
 # normally finds it done; it is not part of the bound below for that reason.
 _REFERENCES_CLOSE_SECONDS = 1.0
 _REFERENCES_START_SECONDS = 10.0
+# The feedback reader (late labels) has no group to leave: its close is short.
+_FEEDBACK_CLOSE_SECONDS = 1.0
 SHUTDOWN_BOUND_SECONDS = (
-    _SNAPSHOT_SECONDS + _FINAL_SNAPSHOT_SECONDS + _CLOSE_SECONDS + _FINAL_FLUSH_SECONDS
+    _SNAPSHOT_SECONDS
+    + _FINAL_SNAPSHOT_SECONDS
+    + _CLOSE_SECONDS
+    + _FINAL_FLUSH_SECONDS
+    + _FEEDBACK_CLOSE_SECONDS
 )
 Key = TopicPartitionKey
 _UNREADABLE = UNREADABLE  # the dead-letter reasons of fetch errors (tests read them)
@@ -148,6 +155,10 @@ class Shard:
         self.states = self.owned.states  # the same dict: (topic, partition) -> state
         self._admin = AdminClient({**s.kafka_config(), "logger": log})
         self._references = reference_reader(s, self.config)
+        # Late labels: their partitions follow the input partitions this shard owns.
+        self.feedback = (
+            Feedback(s, self.resolver, self.dead_letters, self.states) if s.feedback_topic else None
+        )
 
     def ensure_topics(self, wait_seconds: float = 60.0) -> int:
         """Wait for the input topics; create the state and dead-letter topics if missing.
@@ -158,6 +169,10 @@ class Shard:
         self.dead_letters.set_max_bytes(
             min(max_message_bytes(self._admin, s.dead_letter_topic), STATE_MAX_BYTES)
         )
+        if s.feedback_topic:
+            ensure_feedback_topic(
+                self._admin, s.feedback_topic, s.input_topic, partitions[s.input_topic]
+            )
         return partitions[inputs[0].name]
 
     # -- rebalance ---------------------------------------------------------------------
@@ -181,6 +196,8 @@ class Shard:
             consumer.incremental_assign(partitions)
             return
         consumer.incremental_assign(partitions)
+        if self.feedback is not None:
+            self.feedback.follow(mine)
         self._render.rebalanced(assigned=True)
         self.server.set_ready(True)
 
@@ -193,6 +210,8 @@ class Shard:
                 self.snapshots.write(self.states, gone, force=True, timeout=_FINAL_SNAPSHOT_SECONDS)
             except Exception as exc:  # the next owner replays from the previous snapshot
                 log.warning("final snapshot on revoke failed: %s", exc)
+        if self.feedback is not None:
+            self.feedback.drop(gone)
         self.owned.drop(gone)
         self._render.rebalanced()
         consumer.incremental_unassign(partitions)
@@ -201,7 +220,10 @@ class Shard:
         # Another shard may own them already: writing a snapshot now could go back in time.
         self._render.refuse("partitions lost to another shard")
         log.warning("partitions %s lost (session expired)", [tp.partition for tp in partitions])
-        self.owned.drop([Key(tp.topic, tp.partition) for tp in partitions])
+        lost = [Key(tp.topic, tp.partition) for tp in partitions]
+        if self.feedback is not None:
+            self.feedback.drop(lost)
+        self.owned.drop(lost)
         self._render.rebalanced()
         consumer.incremental_unassign(partitions)
 
@@ -292,6 +314,8 @@ class Shard:
                 self._render.watch_gap()
                 msgs = self.consumer.consume(self.batch_limit, 0.1)
                 self.process_batch(msgs)
+                if self.feedback is not None:
+                    self.feedback.poll()
                 self.producer.poll(0)
                 now = time.monotonic()
                 if now - self._last_snapshot >= s.snapshot_interval_seconds:
@@ -321,6 +345,8 @@ class Shard:
                 self._snapshot(force=True, timeout=_FINAL_SNAPSHOT_SECONDS)
         except Exception as exc:
             log.error("final snapshot failed: %s", exc)
+        if self.feedback is not None:
+            self.feedback.close(_FEEDBACK_CLOSE_SECONDS)
         if not close_bounded(self.consumer, _CLOSE_SECONDS):
             self.close_timed_out = True
             log.warning(

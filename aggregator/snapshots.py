@@ -20,11 +20,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from aggregator.deadletters import DeadLetters
 from aggregator.edge import TopicPartitionKey
 from aggregator.errors import AggregatorError, ConfigMismatch
+from aggregator.join.chunks import SnapshotError
 from aggregator.state import PartitionState, StateConfig
 
 __all__ = ["Snapshots", "Stopping", "snapshot_key"]
 
 log = logging.getLogger("modelpulse.aggregator")
+
+
+# Largest join chunk record: under the broker's default 1 MB, whatever the topic allows.
+_CHUNK_BYTES = 900_000
 
 
 def snapshot_key(key: TopicPartitionKey) -> bytes:
@@ -68,17 +73,34 @@ class Snapshots:
 
     # -- restore -----------------------------------------------------------------------
 
-    def _read(self, reader: Consumer, key: TopicPartitionKey) -> bytes | None:
-        """The latest snapshot record of ``key`` (the last record of its state
-        partition, since only its owner writes there), or None if there is none."""
+    def _read(self, reader: Consumer, key: TopicPartitionKey) -> list[bytes] | None:
+        """The latest snapshot records of ``key``: the join's chunk records, then the head
+        (the last record of its state partition, since only its owner writes there);
+        None if there is none."""
         state_topic = self._state_topics[key.topic]
         low, high = reader.get_watermark_offsets(
             TopicPartition(state_topic, key.partition), timeout=10
         )
         if high <= low:
             return None
-        reader.assign([TopicPartition(state_topic, key.partition, high - 1)])
-        deadline = time.monotonic() + 15
+        head = self._records(reader, state_topic, key.partition, high - 1, high)[0]
+        n = PartitionState.chunks_before(head)
+        if not n:
+            return [head]
+        if high - 1 - n < low:
+            raise AggregatorError(
+                f"partition {key.partition}: the snapshot names {n} join chunks before "
+                f"offset {high - 1}, the log starts at {low}; restart with --rebuild-state"
+            )
+        return [*self._records(reader, state_topic, key.partition, high - 1 - n, high - 1), head]
+
+    def _records(
+        self, reader: Consumer, topic: str, partition: int, start: int, end: int
+    ) -> list[bytes]:
+        """The values of offsets [start, end) of one partition."""
+        reader.assign([TopicPartition(topic, partition, start)])
+        out: list[bytes] = []
+        deadline = time.monotonic() + 15 + (end - start) * 0.05
         while time.monotonic() < deadline:
             if self._stop.is_set():
                 raise Stopping
@@ -88,11 +110,13 @@ class Snapshots:
             err = msg.error()
             if err is not None:
                 raise KafkaException(err)
-            value: bytes | None = msg.value()
-            return value
-        raise AggregatorError(f"timed out reading the snapshot of partition {key.partition}")
+            if msg.offset() >= start:
+                out.append(msg.value() or b"")
+            if msg.offset() >= end - 1:
+                return out
+        raise AggregatorError(f"timed out reading the snapshot of partition {partition}")
 
-    def _read_retrying(self, reader: Consumer, key: TopicPartitionKey) -> bytes | None:
+    def _read_retrying(self, reader: Consumer, key: TopicPartitionKey) -> list[bytes] | None:
         p = key.partition
         deadline = time.monotonic() + 60
         while True:
@@ -114,12 +138,12 @@ class Snapshots:
         try:
             for key in keys:
                 p = key.partition
-                value = self._read_retrying(reader, key)
+                records = self._read_retrying(reader, key)
                 state: PartitionState | None = None
-                if value is not None:
+                if records is not None:
                     try:
-                        state = PartitionState.from_bytes(value, self._config)
-                    except ConfigMismatch:
+                        state = PartitionState.from_records(records, self._config)
+                    except (ConfigMismatch, SnapshotError):
                         if not self._rebuild:
                             raise
                         log.warning("partition %d: config changed, rebuilding state", p)
@@ -173,13 +197,20 @@ class Snapshots:
             return
         self._delivery_errors = 0
         for key, state in todo:
-            self._producer.produce(
-                self._state_topics[key.topic],
-                state.to_bytes(),
-                snapshot_key(key),
-                partition=key.partition,
-                on_delivery=self._delivered,
-            )
+            # The join's stores (late labels) go first, as chunk records the head names;
+            # one owner writes a state partition, so they sit right before it.
+            records = state.to_records(_CHUNK_BYTES)
+            for i, record in enumerate(records):
+                last = i == len(records) - 1
+                self._producer.produce(
+                    self._state_topics[key.topic],
+                    record,
+                    snapshot_key(key) if last else snapshot_key(key) + f"/join/{i}".encode(),
+                    partition=key.partition,
+                    on_delivery=self._delivered,
+                )
+                if not last:
+                    self._producer.poll(0)
         left = self._producer.flush(max(0.0, deadline - time.monotonic()))
         if left or self._delivery_errors:
             raise AggregatorError(

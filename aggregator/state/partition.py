@@ -293,12 +293,17 @@ class PartitionState:
         binned = self._settle(matched)
         self.join.next_offset = next_offset
         self.version += 1
+        return IngestResult(*self.drain_label_letters(), binned)
+
+    def drain_label_letters(self) -> tuple[np.ndarray, np.ndarray]:
+        """(feedback offsets, ``LABEL_REASONS`` codes) of the labels decided since the
+        last call: the caller dead-letters them."""
         letters, self.label_letters = self.label_letters, []
         if not letters:
-            return IngestResult(np.empty(0, np.int64), np.empty(0, np.int64), binned)
+            return np.empty(0, np.int64), np.empty(0, np.int64)
         offsets = np.concatenate([o for o, _ in letters]).astype(np.int64)
         reasons = np.concatenate([r for _, r in letters]).astype(np.int64)
-        return IngestResult(offsets, reasons, binned)
+        return offsets, reasons
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
         """Count messages rejected before ingest (undecodable and the like)."""
