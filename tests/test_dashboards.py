@@ -76,11 +76,9 @@ JOIN_SERIES = re.compile(
 )
 # Live labels wait this long before they are sent: late, by a little.
 LABEL_DELAY_S = 2.0
-# Whether the shards consume --feedback-topic and join late labels (issue 9, item 2). Off
-# until aggregator/shard.py reads that topic: the settings take it already, but a shard
-# given one then fails its first snapshot. Switch it on there; the late-label panels then
-# must show data and test_late_label_panels_live runs instead of skipping.
-LATE_LABELS_LIVE = False
+# The shards consume --feedback-topic and join late labels (aggregator/feedback.py): the
+# late-label panels must show data and test_late_label_panels_live runs.
+LATE_LABELS_LIVE = True
 
 
 def load(path: Path) -> dict[str, Any]:
