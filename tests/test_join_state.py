@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import accuracy_score, confusion_matrix, mean_absolute_error
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    mean_absolute_error,
+    precision_score,
+    recall_score,
+)
 
 from aggregator.decode import SchemaResolver, decode_batch
 from aggregator.join.joiner import LABEL_REASONS, JoinLimits
@@ -106,6 +113,18 @@ def test_late_labels_count_when_joined_and_equal_sklearn() -> None:
     assert int(cum["joined"][mv]) == len(labels)
     acc = _gauge(state, "model_accuracy", model="m", window="10s")
     assert acc == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    for fam, fn in (
+        ("model_precision", precision_score),
+        ("model_recall", recall_score),
+        ("model_f1_score", f1_score),
+    ):
+        per = fn(y_true, y_pred, labels=list(CLASSES), average=None, zero_division=0)
+        for cls, want in zip(CLASSES, per, strict=True):
+            got = _gauge(state, fam, model="m", window="10s", **{"class": cls})
+            assert got == pytest.approx(want, abs=1e-12), (fam, cls)
+        macro = fn(y_true, y_pred, labels=list(CLASSES), average="macro", zero_division=0)
+        got = _gauge(state, fam, model="m", window="10s", **{"class": "macro"})
+        assert got == pytest.approx(macro, abs=1e-12), (fam, "macro")
     # Delay: label time - prediction time, all between 2 s and 6.2 s.
     delay = cum["delay"][mv]
     assert delay.sum() == len(labels) and delay[:1].sum() == 0
@@ -222,3 +241,27 @@ def test_without_a_join_nothing_is_kept_and_snapshots_are_as_before() -> None:
     assert state.join is None and PartitionState.chunks_before(state.to_bytes()) == 0
     with pytest.raises(RuntimeError, match="no join"):
         state.ingest_labels(_labels([], 0), 0)
+
+
+def test_labels_days_later_join_within_the_time_to_live_and_not_after() -> None:
+    """Simulated days of event time: 7 days to live (the default); labels 2 and 6 days
+    late join (and land in their delay buckets), one 8 days late finds it expired."""
+    day = 86_400_000
+    config = dataclasses.replace(CONFIG, join=JoinLimits())
+    state = PartitionState(config, 0)
+    preds = _predictions(3, seed=12)
+    off = _ingest(state, preds, 0)
+    state.ingest_labels(_labels([(preds[0].event_id, "a", T0 + 2 * day)], 0), 1)
+    off = _ingest(state, _predictions(1, seed=13, start_ms=T0 + 6 * day), off)
+    state.ingest_labels(_labels([(preds[1].event_id, "b", T0 + 6 * day)], 1), 2)
+    off = _ingest(state, _predictions(1, seed=14, start_ms=T0 + 8 * day), off)
+    res = state.ingest_labels(_labels([(preds[2].event_id, "c", T0 + 8 * day)], 2), 3)
+    assert [LABEL_REASONS[r] for r in res.reasons] == ["expired_prediction"]
+    _close(state, T0 + 9 * day, off)
+    assert state.join is not None
+    assert int(state.join.per_mv["expired"][0]) == 1  # preds[2]; the day-6 one has days left
+    delay = state.cum["delay"][0]
+    bounds = [1, 10, 60, 300, 900, 3600, 21600, 86400, 259200, 604800, 1209600, 2592000]
+    assert delay[bounds.index(259200)] == 1  # 2 days: the (1d, 3d] bucket
+    assert delay[bounds.index(604800)] == 1  # 6 days: (3d, 7d]
+    assert int(state.cum["joined"][0]) == 2

@@ -67,19 +67,27 @@ def bin_matched(state: PartitionState, matched: Matched) -> np.ndarray:
     entries = state.catalog.entries
     mv = pred["version"].astype(np.int64)
     names = labels.names
-    for g in np.unique(mv).tolist():
-        at = np.flatnonzero(mv == g)
+    # One check per distinct (model version, label's model, label's version, kind):
+    # a handful per batch, looked up back to the rows.
+    width = len(names) + 1
+    is_value = (labels.label_code < 0).astype(np.int64)
+    combo = ((mv * width + labels.model) * width + labels.version + 1) * 2 + is_value
+    uniq, inverse = np.unique(combo, return_inverse=True)
+    verdict = np.full(uniq.size, -1, dtype=np.int64)
+    for j, c in enumerate(uniq.tolist()):
+        rest, value = divmod(c, 2)
+        rest, version_code = divmod(rest, width)
+        g, model_code = divmod(rest, width)
         e = entries[g]
-        for i in at.tolist():
-            model = names[labels.model[i]]
-            version = names[labels.version[i]] if labels.version[i] >= 0 else ""
-            if e.model != OVERFLOW and (
-                model != e.model or (version and e.version not in (version, OVERFLOW))
-            ):
-                reason[i] = MODEL_MISMATCH
-        is_value = labels.label_code[at] < 0
-        wrong = is_value if not e.regression else ~is_value
-        reason[at[wrong & (reason[at] < 0)]] = KIND_MISMATCH
+        model = names[model_code]
+        version = names[version_code - 1] if version_code else ""
+        if e.model != OVERFLOW and (
+            model != e.model or (version and e.version not in (version, OVERFLOW))
+        ):
+            verdict[j] = MODEL_MISMATCH
+        elif bool(value) != bool(e.regression):
+            verdict[j] = KIND_MISMATCH
+    reason[:] = verdict[inverse]
     good = np.flatnonzero(reason < 0)
     if not good.size:
         return reason
