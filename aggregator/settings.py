@@ -144,6 +144,11 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
         description="Predictions waiting for a label, per partition (~48 bytes each); "
         "beyond, the oldest are evicted and counted.",
     )
+    label_models: str = Field(
+        "",
+        description="Comma-separated models whose predictions wait for late labels "
+        "(empty: every model with event ids); the others take no join memory.",
+    )
     label_coverage_age: Duration = Field(
         _JOIN.coverage_age_ms,
         description="model_label_coverage counts a prediction still without its label "
@@ -295,6 +300,7 @@ class AggregatorSettings(KafkaConnection, RegistryConnection, BaseSettings):
                 max_early=self.max_early_labels,
                 max_seen=self.max_pending,
                 coverage_age_ms=self.label_coverage_age,
+                models=frozenset(m.strip() for m in self.label_models.split(",") if m.strip()),
             )
             if self.feedback_topic
             else None,

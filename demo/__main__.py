@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 FEEDBACK,
                 "--label-coverage-age",
                 "3m",  # fraud-detector's labels come 90 s late
+                "--label-models",
+                "fraud-detector",  # the only model whose labels come later
             ],
             port,
             RUN / f"shard-{i}.log",

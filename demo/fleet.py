@@ -162,6 +162,7 @@ def default_models(n: int, seed: int = 1) -> list[SimulatedModel]:
                 m.label_fraction,
                 np.random.default_rng(seed + i),
                 m.labels_per_second,
+                m.label_delay_s,
             )
         )
     return out

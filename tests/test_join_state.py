@@ -265,3 +265,13 @@ def test_labels_days_later_join_within_the_time_to_live_and_not_after() -> None:
     assert delay[bounds.index(259200)] == 1  # 2 days: the (1d, 3d] bucket
     assert delay[bounds.index(604800)] == 1  # 6 days: (3d, 7d]
     assert int(state.cum["joined"][0]) == 2
+
+
+def test_only_the_listed_models_wait_for_labels() -> None:
+    join = dataclasses.replace(CONFIG.join, models=frozenset({"m"}))  # type: ignore[type-var]
+    state = PartitionState(dataclasses.replace(CONFIG, join=join), 0)
+    off = _ingest(state, _predictions(50, seed=15, model="m"), 0)
+    _ingest(state, _predictions(70, seed=16, model="other"), off)
+    assert state.join is not None
+    assert len(state.join.pending) == 50
+    assert state.view().join is not None

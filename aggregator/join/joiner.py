@@ -64,6 +64,9 @@ class JoinLimits:
     # Label coverage counts a pending prediction as "not labelled" once it is this old:
     # a label may still come, but most should have (set it past the usual delay).
     coverage_age_ms: int = 3_600_000
+    # Models whose predictions wait for a label (empty: every model): the others' late
+    # labels find nothing (unknown_prediction), and they take no memory here.
+    models: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,12 @@ class JoinState:
         self.per_mv: dict[str, np.ndarray] = {
             k: np.zeros(0, np.int64) for k in ("pending", "expired", "evicted")
         }
+
+    def waits_for(self, model_names: list[str]) -> np.ndarray:
+        """Per model version (by its model's name): whether its predictions wait."""
+        if not self.limits.models:
+            return np.ones(len(model_names), dtype=bool)
+        return np.array([m in self.limits.models for m in model_names], dtype=bool)
 
     def grow(self, capacity: int) -> None:
         for k, arr in self.per_mv.items():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aggregator.catalog import OVERFLOW
-from aggregator.join.joiner import INVALID, KIND_MISMATCH, MODEL_MISMATCH, Matched
+from aggregator.join.joiner import INVALID, KIND_MISMATCH, MODEL_MISMATCH, JoinState, Matched
 from aggregator.join.labels import LabelChunk
 from aggregator.join.pending import Columns
 from aggregator.state.rows import Rows
@@ -23,7 +23,15 @@ from aggregator.state.rows import Rows
 if TYPE_CHECKING:
     from aggregator.state.partition import PartitionState
 
-__all__ = ["bin_matched", "label_reasons", "pending_columns"]
+__all__ = [
+    "bin_matched",
+    "ingest_labels",
+    "join_view",
+    "label_reasons",
+    "merge_letters",
+    "pending_columns",
+    "wait_for_labels",
+]
 
 
 def pending_columns(
@@ -128,3 +136,71 @@ def bin_matched(state: PartitionState, matched: Matched) -> np.ndarray:
     )
     state.panes.add(pane, rows, joined=True)
     return reason
+
+
+def wait_for_labels(state: PartitionState, kept: dict[str, np.ndarray], mv: np.ndarray) -> None:
+    """Accepted rows into the pending store; labels that came first join them now."""
+    assert state.join is not None
+    if state.join.limits.models:
+        waits = state.join.waits_for([e.model for e in state.catalog.entries])
+        if not waits[mv].all():
+            sel = np.flatnonzero(waits[mv])
+            kept, mv = {k: v[sel] for k, v in kept.items()}, mv[sel]
+    keys, columns = pending_columns(kept, mv, kept["pred"], kept["seg"])
+    matched = state.join.add_predictions(keys, columns)
+    if matched is not None:
+        _settle(state, matched)
+
+
+def ingest_labels(state: PartitionState, labels: LabelChunk, next_offset: int) -> int:
+    """Join a batch of labels (``PartitionState.ingest_labels``); returns pairs binned."""
+    if state.join is None:
+        raise RuntimeError("ingest_labels: this state has no join (StateConfig.join)")
+    why = label_reasons(labels)
+    bad = why >= 0
+    _letters(state, labels.offset[bad], why[bad])
+    good = labels.take(~bad)
+    matched, reason = state.join.match(good)
+    missed = reason >= 0
+    _letters(state, good.offset[missed], reason[missed])
+    binned = _settle(state, matched)
+    state.join.next_offset = next_offset
+    return binned
+
+
+def _settle(state: PartitionState, matched: Matched) -> int:
+    """Bin the pairs that fit; put the others' predictions back and dead-letter their
+    labels. Returns the pairs binned."""
+    assert state.join is not None
+    why = bin_matched(state, matched)
+    refused = why >= 0
+    if refused.any():
+        state.join.unmatch(matched, refused)
+        _letters(state, matched.labels.offset[refused], why[refused])
+    return int(refused.size - refused.sum())
+
+
+def _letters(state: PartitionState, offsets: np.ndarray, why: np.ndarray) -> None:
+    assert state.join is not None
+    if why.size:
+        np.add.at(state.join.unmatched, why, 1)
+        state.label_letters.append((offsets, why))
+
+
+def merge_letters(letters: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not letters:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    offsets = np.concatenate([o for o, _ in letters]).astype(np.int64)
+    reasons = np.concatenate([r for _, r in letters]).astype(np.int64)
+    return offsets, reasons
+
+
+def join_view(state: PartitionState, j: JoinState, m: int) -> dict[str, np.ndarray]:
+    """Per model version counts of the join; the old pending ones (a scan of the store)
+    only when panes closed, like the windows."""
+    key = (state.closed, m)
+    if state.old_pending is None or state.old_pending[0] != key:
+        state.old_pending = (key, j.old_pending(state.max_event_ms, m))
+    out = {k: v[:m].copy() for k, v in j.per_mv.items()}
+    out["old_pending"] = state.old_pending[1].copy()
+    return out

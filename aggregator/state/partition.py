@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from aggregator.catalog import Catalog
 from aggregator.join.chunks import DEFAULT_MAX_BYTES
-from aggregator.join.joiner import LABEL_REASONS, UNKNOWN, JoinState, Matched
+from aggregator.join.joiner import LABEL_REASONS, UNKNOWN, JoinState
 from aggregator.join.labels import LabelChunk
 from aggregator.state.batch import Batch, Item, groups, kept_features
 from aggregator.state.binning import Buckets
@@ -32,13 +32,27 @@ from aggregator.state.config import (
 )
 from aggregator.state.drift import DriftReferences
 from aggregator.state.intern import Interner
-from aggregator.state.joined import bin_matched, label_reasons, pending_columns
+from aggregator.state.joined import ingest_labels, join_view, merge_letters, wait_for_labels
 from aggregator.state.panes import PaneStore, WindowAggregate
 from aggregator.state.resources import Resources
 from aggregator.state.rows import Rows
 from aggregator.window import NO_TIME, closed_panes, late_mask
 
 __all__ = ["IngestResult", "PartitionState", "StateView"]
+
+T = TypeVar("T")
+
+
+class _Part(Generic[T]):
+    """Read-only ``state.<name>`` for ``state.<part>.<attr>`` (``state.cum`` is
+    ``state.panes.cum``): the front keeps the names its readers use."""
+
+    def __init__(self, part: str, attr: str) -> None:
+        self.part, self.attr = part, attr
+
+    def __get__(self, obj: object, owner: type | None = None) -> T:
+        value: T = getattr(getattr(obj, self.part), self.attr)
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +110,7 @@ class PartitionState:
         self.label_letters: list[tuple[np.ndarray, np.ndarray]] = []
         self._windows: tuple[WindowAggregate, ...] = ()
         self._window_key: tuple[int, int] | None = None
-        self._old_key: tuple[int, int] | None = None
-        self._old_pending = np.zeros(0, np.int64)
+        self.old_pending: tuple[tuple[int, int], np.ndarray] | None = None  # join_view's
         self.grow(4)
 
     def grow(self, need: int) -> None:
@@ -114,53 +127,18 @@ class PartitionState:
         self.drift.take(self.panes, self.catalog)
 
     # Views of the parts, under the names the exporter and tests read.
-    @property
-    def closed(self) -> int:
-        return self.panes.closed
-
-    @property
-    def window_end_ms(self) -> int:
-        return self.panes.window_end_ms
-
-    @property
-    def cum(self) -> dict[str, np.ndarray]:
-        return self.panes.cum
-
-    @property
-    def ring(self) -> dict[str, np.ndarray]:
-        return self.panes.ring
-
-    @property
-    def open(self) -> dict[str, np.ndarray]:
-        return self.panes.open
-
-    @property
-    def slot_closed(self) -> np.ndarray:
-        return self.panes.slot_closed
-
-    @property
-    def pane_of_slot(self) -> np.ndarray:
-        return self.panes.pane_of_slot
-
-    @property
-    def open_closed(self) -> np.ndarray:
-        return self.panes.open_closed
-
-    @property
-    def pane_of_open(self) -> np.ndarray:
-        return self.panes.pane_of_open
-
-    @property
-    def reference(self) -> dict[str, np.ndarray]:
-        return self.drift.arrays
-
-    @property
-    def has_reference(self) -> np.ndarray:
-        return self.drift.has
-
-    @property
-    def resources(self) -> dict[str, dict[str, Any]]:
-        return self._resources.records
+    closed: _Part[int] = _Part("panes", "closed")
+    window_end_ms: _Part[int] = _Part("panes", "window_end_ms")
+    cum: _Part[dict[str, np.ndarray]] = _Part("panes", "cum")
+    ring: _Part[dict[str, np.ndarray]] = _Part("panes", "ring")
+    open: _Part[dict[str, np.ndarray]] = _Part("panes", "open")
+    slot_closed: _Part[np.ndarray] = _Part("panes", "slot_closed")
+    pane_of_slot: _Part[np.ndarray] = _Part("panes", "pane_of_slot")
+    open_closed: _Part[np.ndarray] = _Part("panes", "open_closed")
+    pane_of_open: _Part[np.ndarray] = _Part("panes", "pane_of_open")
+    reference: _Part[dict[str, np.ndarray]] = _Part("drift", "arrays")
+    has_reference: _Part[np.ndarray] = _Part("drift", "has")
+    resources: _Part[dict[str, dict[str, Any]]] = _Part("_resources", "records")
 
     # -- ingest ------------------------------------------------------------------------
 
@@ -228,7 +206,7 @@ class PartitionState:
             rows_in = Rows(cfg, mv, kept, self._buckets, self._err_edges, feats)
             self.panes.add(np.floor_divide(kept["t"], cfg.pane_ms), rows_in)
             if self.join is not None:
-                self._wait_for_labels(kept, mv)
+                wait_for_labels(self, kept, mv)
         self.panes.close(closed_panes(self.max_event_ms, cfg.lateness_ms, cfg.pane_ms))
         if self.join is not None:
             waited = self.join.expire(self.max_event_ms)
@@ -251,47 +229,13 @@ class PartitionState:
         self.version += 1
         return c["off"][bad], reason[bad], accepted
 
-    # -- labels joined later (aggregator.join) -----------------------------------------
-
-    def _wait_for_labels(self, kept: dict[str, np.ndarray], mv: np.ndarray) -> None:
-        assert self.join is not None
-        keys, columns = pending_columns(kept, mv, kept["pred"], kept["seg"])
-        matched = self.join.add_predictions(keys, columns)
-        if matched is not None:
-            self._settle(matched)
-
-    def _settle(self, matched: Matched) -> int:
-        """Bin the pairs that fit; put the others' predictions back and dead-letter their
-        labels. Returns the pairs binned."""
-        assert self.join is not None
-        why = bin_matched(self, matched)
-        refused = why >= 0
-        if refused.any():
-            self.join.unmatch(matched, refused)
-            self._letters(matched.labels.offset[refused], why[refused])
-        return int(refused.size - refused.sum())
-
-    def _letters(self, offsets: np.ndarray, why: np.ndarray) -> None:
-        assert self.join is not None
-        if why.size:
-            np.add.at(self.join.unmatched, why, 1)
-            self.label_letters.append((offsets, why))
+    # -- labels joined later (aggregator.join; the work is in state/joined.py) ---------
 
     def ingest_labels(self, labels: LabelChunk, next_offset: int) -> IngestResult:
         """Join a batch of the feedback partition's labels (in log order); returns the
         labels that changed no metric (offset, ``LABEL_REASONS`` code) for dead letters,
         with those decided meanwhile by predictions (``label_letters``)."""
-        if self.join is None:
-            raise RuntimeError("ingest_labels: this state has no join (StateConfig.join)")
-        why = label_reasons(labels)
-        bad = why >= 0
-        self._letters(labels.offset[bad], why[bad])
-        good = labels.take(~bad)
-        matched, reason = self.join.match(good)
-        missed = reason >= 0
-        self._letters(good.offset[missed], reason[missed])
-        binned = self._settle(matched)
-        self.join.next_offset = next_offset
+        binned = ingest_labels(self, labels, next_offset)
         self.version += 1
         return IngestResult(*self.drain_label_letters(), binned)
 
@@ -299,11 +243,7 @@ class PartitionState:
         """(feedback offsets, ``LABEL_REASONS`` codes) of the labels decided since the
         last call: the caller dead-letters them."""
         letters, self.label_letters = self.label_letters, []
-        if not letters:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        offsets = np.concatenate([o for o, _ in letters]).astype(np.int64)
-        reasons = np.concatenate([r for _, r in letters]).astype(np.int64)
-        return offsets, reasons
+        return merge_letters(letters)
 
     def count_rejected(self, reason: str, n: int = 1) -> None:
         """Count messages rejected before ingest (undecodable and the like)."""
@@ -351,22 +291,11 @@ class PartitionState:
             max_event_ms=self.max_event_ms,
             window_end_ms=self.window_end_ms,
             next_offset=self.next_offset,
-            join=None if j is None else self._join_view(j, m),
+            join=None if j is None else join_view(self, j, m),
             unmatched_labels=None
             if j is None
             else dict(zip(LABEL_REASONS, j.unmatched.tolist(), strict=True)),
         )
-
-    def _join_view(self, j: JoinState, m: int) -> dict[str, np.ndarray]:
-        """Per model version counts of the join; the old pending ones (a scan of the
-        store) only when panes closed, like the windows."""
-        key = (self.closed, m)
-        if self._old_key != key:
-            self._old_pending = j.old_pending(self.max_event_ms, m)
-            self._old_key = key
-        out = {k: v[:m].copy() for k, v in j.per_mv.items()}
-        out["old_pending"] = self._old_pending.copy()
-        return out
 
     # -- snapshots ---------------------------------------------------------------------
 
