@@ -5,10 +5,10 @@ several Python calls per line, about 0.9 s for 100k series. This module renders
 the same bytes (it mirrors ``prometheus_client.exposition.generate_latest``: HELP
 and TYPE lines, ``_total`` on counters, label names in sorted order, ``le``
 sorted among them, ``floatToGoString`` numbers) from whole numpy columns: the
-escaped ``name{labels} `` prefix of every line is kept in a ``LabelCache`` across
-renders, values are formatted with C-level ``map`` calls, and lines are joined
-once. Call it off the consume path, only when the data changed, and serve the
-cached bytes.
+escaped ``name{labels} `` prefix of every line is kept in a ``LabelCache``
+(label_cache.py) across renders, values are formatted with C-level ``map``
+calls, and lines are joined once. Call it off the consume path, only when the
+data changed, and serve the cached bytes.
 
 One deliberate difference: prometheus_client drops a histogram's ``_count`` and
 ``_sum`` when its first bucket bound is negative (an OpenMetrics rule); format
@@ -20,14 +20,16 @@ from __future__ import annotations
 import gzip
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, pairwise
 from operator import itemgetter
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
+
+from aggregator.label_cache import LabelCache
 
 __all__ = [
     "CONTENT_TYPE",
@@ -54,9 +56,6 @@ _NUMERIC_KINDS: Final = "biuf"
 _GO_EXPONENT_FROM: Final = 1e6
 _REPR_EXPONENT_FROM: Final = 1e16
 _ENDS: Final = np.array(["\n", ".0\n"], dtype=object)  # indexed by "is integral"
-_ESCAPED_CHARS: Final = ("\\", '"', "\n")
-
-T = TypeVar("T")
 
 
 def _go_float(d: float) -> str:
@@ -186,136 +185,6 @@ class Payload(NamedTuple):
 
     body: bytes
     gzip_body: bytes | None
-
-
-_Key = tuple[str, _Labels, tuple[str, ...] | None]
-
-
-class LabelCache:
-    """Escaped ``name{labels} `` line prefixes kept across renders, keyed by label tuple.
-
-    Escaping and sorting labels is the costly part of a render; label sets change
-    rarely, so a steady-state render is one dict lookup per series. Everything is
-    dropped when more than ``max_entries`` series would be held (label churn), so
-    memory stays bounded. Use one cache per rendering thread.
-    """
-
-    def __init__(self, max_entries: int = 2_000_000) -> None:
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self._max_entries = max_entries
-        self._size = 0
-        self._scalar: dict[_Key, dict[_Labels, str]] = {}
-        self._histogram: dict[_Key, dict[_Labels, tuple[str, ...]]] = {}
-
-    def __len__(self) -> int:
-        """Number of series whose prefixes are held."""
-        return self._size
-
-    def clear(self) -> None:
-        """Forget every prefix."""
-        self._scalar.clear()
-        self._histogram.clear()
-        self._size = 0
-
-    def _lookup(
-        self,
-        tables: dict[_Key, dict[_Labels, T]],
-        key: _Key,
-        label_values: Sequence[_Labels],
-        build: Callable[[list[_Labels]], Iterable[T]],
-    ) -> list[T]:
-        """The cached row of every entry of ``label_values``, building the missing ones."""
-        table = tables.get(key)
-        if table is not None:
-            try:
-                return list(map(table.__getitem__, label_values))
-            except KeyError:
-                pass
-        # Set difference runs in C; the cold path then builds whole columns at once.
-        missing = list(set(label_values).difference(table or ()))
-        if self._size + len(missing) > self._max_entries:
-            self.clear()
-        table = tables.setdefault(key, {})
-        table.update(zip(missing, build(missing), strict=True))
-        self._size += len(missing)
-        return list(map(table.__getitem__, label_values))
-
-    def _scalar_prefixes(
-        self, sample_name: str, label_names: _Labels, label_values: Sequence[_Labels]
-    ) -> list[str]:
-        """``sample_name{labels} `` for every series of a counter or gauge."""
-        order = sorted(range(len(label_names)), key=label_names.__getitem__)
-        template = _template(sample_name, [f'{label_names[i]}="{{}}"' for i in order])
-
-        def build(missing: list[_Labels]) -> list[str]:
-            columns = _escaped_columns(sample_name, label_names, missing, order)
-            return _format_rows(template, columns, len(missing))
-
-        key = (sample_name, label_names, None)
-        return self._lookup(self._scalar, key, label_values, build)
-
-    def _histogram_prefixes(
-        self, name: str, label_names: _Labels, label_values: Sequence[_Labels], les: tuple[str, ...]
-    ) -> list[tuple[str, ...]]:
-        """Per series: the ``_bucket`` prefixes (one per ``le``), then ``_count`` and ``_sum``."""
-        order = sorted(range(len(label_names)), key=label_names.__getitem__)
-        parts = [f'{label_names[i]}="{{}}"' for i in order]
-        # prometheus_client sorts "le" among the label names, so it can land mid-set.
-        at = sum(label_names[i] < "le" for i in order)
-        templates = [
-            _template(f"{name}_bucket", [*parts[:at], f'le="{le}"', *parts[at:]]) for le in les
-        ]
-        templates += [_template(f"{name}_count", parts), _template(f"{name}_sum", parts)]
-
-        def build(missing: list[_Labels]) -> Iterable[tuple[str, ...]]:
-            columns = _escaped_columns(name, label_names, missing, order)
-            rows = [_format_rows(t, columns, len(missing)) for t in templates]
-            return zip(*rows, strict=True)
-
-        key = (name, label_names, les)
-        return self._lookup(self._histogram, key, label_values, build)
-
-
-def _escaped_columns(
-    name: str, label_names: _Labels, rows: list[_Labels], order: list[int]
-) -> list[Sequence[str]]:
-    """Label values of ``rows`` as escaped columns, in sorted label-name order."""
-    if not rows:
-        return []
-    columns = list(zip(*rows, strict=True))
-    escaped: list[Sequence[str]] = []
-    for i in order:
-        column = columns[i]
-        try:
-            joined = "".join(column)
-        except TypeError as exc:
-            raise TypeError(
-                f"family {name!r}: label_values for {label_names[i]!r} must be str: {exc}"
-            ) from exc
-        # Most columns hold nothing to escape; one scan of the joined text proves it.
-        if any(c in joined for c in _ESCAPED_CHARS):
-            column = tuple(
-                v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"") for v in column
-            )
-        escaped.append(column)
-    return escaped
-
-
-def _template(sample_name: str, label_parts: list[str]) -> str:
-    """A ``str.format`` template of ``sample_name{labels} ``: each ``{}`` takes one value."""
-    if not label_parts:
-        return f"{sample_name} "
-    return f"{sample_name}{{{{{','.join(label_parts)}}}}} "
-
-
-def _format_rows(template: str, columns: list[Sequence[str]], n: int) -> list[str]:
-    """``template`` filled with each row of ``columns`` (or ``n`` copies if no labels)."""
-    if not n:
-        return []
-    if not columns:
-        return [template.format()] * n
-    return list(map(template.format, *columns))
 
 
 def _sample_parts(prefixes: list[str], values: _F8) -> list[str]:

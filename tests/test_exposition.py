@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 import aggregator
-from aggregator import exposition, shard
+from aggregator import exposition, label_cache, shard
 from aggregator.catalog import MACRO, Limits
 from aggregator.decode import Heartbeat, Marker, SchemaResolver, decode_batch
 from aggregator.exposition import CONTENT_TYPE, Family, LabelCache, render, render_payload
@@ -138,6 +138,10 @@ def small_family_set() -> list[Family]:
 
 def test_doctests() -> None:
     assert doctest.testmod(exposition).failed == 0
+
+
+def test_label_cache_stays_importable_from_exposition() -> None:
+    assert exposition.LabelCache is label_cache.LabelCache
 
 
 def test_public_names() -> None:

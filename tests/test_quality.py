@@ -26,7 +26,7 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
-from aggregator import quality
+from aggregator import quality, quantiles
 from aggregator.quality import (
     ClassificationMetrics,
     calibration_errors,
@@ -62,9 +62,14 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_docstring_examples_run() -> None:
-    failed, attempted = doctest.testmod(quality)
-    assert attempted > 0
-    assert failed == 0
+    for module in (quality, quantiles):
+        failed, attempted = doctest.testmod(module)
+        assert attempted > 0, module.__name__
+        assert failed == 0, module.__name__
+
+
+def test_moved_names_stay_importable_from_quality() -> None:
+    assert quality.histogram_quantiles is quantiles.histogram_quantiles
 
 
 # --- classification ---------------------------------------------------------------
