@@ -5,42 +5,32 @@ dictionaries (models, classes, segments, features) their codes index. A
 ``PredictionBatch`` envelope decodes with one fastavro call and ``np.frombuffer``
 views; ``PredictionEvent`` messages are decoded one by one with fastavro and
 accumulated by ``EventChunkBuilder`` until the next envelope, keeping message order.
+Every path keeps each row's ``event_id`` as its ``schemas.event_id`` hash
+(``RowChunk.event_hash``), the key the label join looks predictions up by.
+
+``SchemaResolver`` and ``SchemaSource`` live in ``aggregator.resolver``; they are
+re-exported here, where most callers import them from.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import math
-import time
-from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import numpy as np
-from fastavro import parse_schema, schemaless_reader
-from fastavro.read import SchemaResolutionError
 
 from aggregator.errors import DecodeError
+from aggregator.resolver import SchemaResolver, SchemaSource
 from aggregator.state.columns import MAX_ROWS_PER_ENVELOPE, Heartbeat, Marker, RowChunk
-from schemas.registry import (
-    RegistryError,
-    RegistryUnavailable,
-    SchemaNotFound,
-    record_subject,
-)
+from schemas.event_id import event_hashes, hash_event_ids
 from schemas.wire import (
     CLASS_DTYPE,
     EVENT_ID_OFFSET_DTYPE,
     EVENT_TIME_DTYPE,
     FLOAT_DTYPE,
-    HEADER,
-    MAGIC_BYTE,
     NO_CLASS,
     OUTCOME_CODES,
     OUTCOME_DTYPE,
-    SchemaId,
-    parsed_schema,
-    raw_schema,
 )
 
 __all__ = [
@@ -53,22 +43,12 @@ __all__ = [
     "decode_batch",
 ]
 
-log = logging.getLogger("modelpulse.aggregator")
-
 # Bound of the features of one envelope (``decode_batch``): the producer's default
 # number of features per event.
 FEATURES_PER_ROW: Final = 32
 
 _EMPTY_I4: Final = np.empty(0, dtype=CLASS_DTYPE)
 _EMPTY_F8: Final = np.empty(0, dtype=FLOAT_DTYPE)
-_KINDS: Final = {
-    "io.modelpulse.PredictionEvent": SchemaId.PREDICTION_EVENT,
-    "io.modelpulse.PredictionBatch": SchemaId.PREDICTION_BATCH,
-    "io.modelpulse.ResourceHeartbeat": SchemaId.RESOURCE_HEARTBEAT,
-    "io.modelpulse.LabelFeedback": SchemaId.LABEL_FEEDBACK,
-    "io.modelpulse.WatermarkMarker": SchemaId.WATERMARK_MARKER,
-    "io.modelpulse.DriftReference": SchemaId.DRIFT_REFERENCE,
-}
 
 
 def _column(
@@ -139,7 +119,6 @@ def decode_batch(
         segment = np.full(n, NO_CLASS, dtype=CLASS_DTYPE)
     elif n and (int(segment.max()) >= len(segments) or int(segment.min()) < NO_CLASS):
         raise DecodeError("bad_column", "segment code outside dictionary")
-    _column(record["event_id_offsets"], EVENT_ID_OFFSET_DTYPE, n + 1, "event_id", optional=True)
     informative = regression or bool(n and (int(pred.max()) >= 0 or int(label.max()) >= 0))
     return RowChunk(
         mv_keys=[(record["model"], record["model_version"])],
@@ -161,7 +140,25 @@ def decode_batch(
         feat_row=feat_row,
         feat_code=feat_code,
         feat_value=feat_value,
+        event_hash=_event_hash(record, n),
     )
+
+
+def _event_hash(record: dict[str, Any], n: int) -> np.ndarray:
+    """Hashes of an envelope's ``event_id`` column (all 0 when it carries no ids)."""
+    offsets = _column(
+        record["event_id_offsets"], EVENT_ID_OFFSET_DTYPE, n + 1, "event_id_offsets", optional=True
+    )
+    if not offsets.size:
+        return np.zeros(n, dtype=np.uint64)
+    data = record["event_id_data"]
+    lengths = np.diff(offsets).astype(np.int64)
+    if int(offsets[0]) != 0 or int(offsets[-1]) != len(data) or (n and int(lengths.min()) < 0):
+        raise DecodeError(
+            "bad_column",
+            f"event_id_offsets: not increasing from 0 to the {len(data)} bytes of event_id_data",
+        )
+    return event_hashes(data, offsets[:-1].astype(np.int64), lengths)
 
 
 class EventChunkBuilder:
@@ -179,6 +176,7 @@ class EventChunkBuilder:
         self._features: dict[str, int] = {}
         self._cols: tuple[list[Any], ...] = tuple([] for _ in range(11))
         self._feat: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
+        self._ids: list[str] = []  # hashed in build(), all at once
 
     def __len__(self) -> int:
         return len(self._cols[0])
@@ -188,6 +186,9 @@ class EventChunkBuilder:
         key = (r["model"], r["model_version"])
         mv = self._keys.get(key)
         pred, label = r["prediction"], r["label"]
+        event_id = r["event_id"]
+        if event_id.__class__ is not str:  # a writer's logical type (uuid): its text form
+            event_id = str(event_id)
         if mv is None:
             mv = self._keys[key] = len(self._keys)
             self._regression.append(None)
@@ -196,6 +197,7 @@ class EventChunkBuilder:
         cols = self._cols
         row = len(cols[0])
         cols[0].append(mv)
+        self._ids.append(event_id)
         cols[1].append(offset)
         cols[2].append(r["event_time_ms"])
         cols[3].append(r["latency_seconds"])
@@ -252,191 +254,7 @@ class EventChunkBuilder:
             feat_row=np.array(fr, dtype=np.int64),
             feat_code=np.array(fc, dtype=np.int32),
             feat_value=np.array(fv, dtype=FLOAT_DTYPE),
+            event_hash=hash_event_ids(self._ids),
         )
         self.__init__()  # type: ignore[misc]
         return chunk
-
-
-class SchemaSource(Protocol):
-    """What ``SchemaResolver`` needs of a registry (``schemas.registry.SchemaRegistry``)."""
-
-    def schema(self, schema_id: int) -> dict[str, Any]: ...
-
-    def register(self, subject: str, schema: dict[str, Any]) -> int: ...
-
-
-class SchemaResolver:
-    """Schema id -> (kind, writer schema, reader schema or None).
-
-    Without a registry the ids are the fixed ones of ``schemas/registry.json``. With a
-    registry, ids are *only* registry ids (the fixed ids never shadow them): an id not
-    seen yet is looked up once, and the writer schema's full record name decides the
-    kind, whatever subject it was registered under. A writer schema that differs from
-    the current ``.avsc`` is read with Avro schema resolution against it (added fields
-    with defaults are fine; a writer it cannot resolve is ``incompatible_schema``).
-
-    Registry answers are cached: found ids for good (an id's schema never changes),
-    ids the registry does not have (or that are not our records) for
-    ``NEGATIVE_TTL_SECONDS``, at most ``NEGATIVE_MAX`` of them, so a flood of junk ids
-    costs one lookup per id per TTL. When the registry gives no answer, the lookup is
-    retried inline (``RETRY_DELAYS``), then every unknown id fails fast as
-    ``schema_unavailable`` until a backoff (doubling from ``BACKOFF_MIN_SECONDS`` to
-    ``BACKOFF_MAX_SECONDS``) has passed; ids already cached keep decoding throughout.
-    """
-
-    NEGATIVE_TTL_SECONDS: Final = 60.0
-    NEGATIVE_MAX: Final = 10_000
-    RETRY_DELAYS: Final = (0.25, 0.75)
-    BACKOFF_MIN_SECONDS: Final = 1.0
-    BACKOFF_MAX_SECONDS: Final = 30.0
-    # Dead-letter reasons this class raises (besides ``undecodable``).
-    REASONS: Final = ("unknown_schema", "incompatible_schema", "schema_unavailable")
-
-    def __init__(
-        self,
-        registry: SchemaSource | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._registry = registry
-        self._clock = clock
-        self._sleep = sleep
-        self._known: dict[int, tuple[int, Any, Any]] = {}
-        self._missing: dict[int, tuple[float, str]] = {}  # id -> (expires, why)
-        self._own: dict[int, int] = {}  # kind -> registry id of our own writes
-        self._down_until = 0.0
-        self._backoff = self.BACKOFF_MIN_SECONDS
-        self.lookups = 0  # registry requests made (for tests and logs)
-        if registry is None:
-            for kind in SchemaId:
-                self._known[int(kind)] = (int(kind), parsed_schema(kind), None)
-
-    @property
-    def registry(self) -> SchemaSource | None:
-        return self._registry
-
-    def writer_id(self, kind: SchemaId) -> int:
-        """The id this process frames its own records of ``kind`` with.
-
-        The fixed id without a registry; with one, the id the registry returns for the
-        current ``.avsc`` under its record-name subject (raises ``RegistryError``).
-        """
-        if self._registry is None:
-            return int(kind)
-        found = self._own.get(int(kind))
-        if found is None:
-            raw = raw_schema(kind)
-            found = self._registry.register(record_subject(raw), raw)
-            self._own[int(kind)] = found
-            self._known[found] = (int(kind), parsed_schema(kind), None)
-        return found
-
-    def resolve(self, schema_id: int) -> tuple[int, Any, Any]:
-        """(kind, writer schema, reader schema or None) or raise ``DecodeError``."""
-        found = self._known.get(schema_id)
-        if found is not None:
-            return found
-        if self._registry is None:
-            raise DecodeError("unknown_schema", f"schema id {schema_id} (no registry configured)")
-        now = self._clock()
-        missing = self._missing.get(schema_id)
-        if missing is not None and missing[0] > now:
-            raise DecodeError("unknown_schema", missing[1])
-        if now < self._down_until:
-            raise DecodeError(
-                "schema_unavailable",
-                f"schema id {schema_id}: registry unavailable, next try in "
-                f"{self._down_until - now:.1f}s",
-            )
-        try:
-            writer = self._fetch(schema_id)
-        except SchemaNotFound as exc:
-            self._remember_missing(schema_id, f"schema id {schema_id}: {exc}", now)
-            raise DecodeError("unknown_schema", f"schema id {schema_id}: {exc}") from None
-        except RegistryError as exc:
-            self._down_until = self._clock() + self._backoff
-            log.warning(
-                "schema registry unavailable (schema id %d): %s; unknown ids are dead-lettered "
-                "as schema_unavailable for %.0fs",
-                schema_id,
-                exc,
-                self._backoff,
-            )
-            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_SECONDS)
-            raise DecodeError(
-                "schema_unavailable", f"schema id {schema_id}: registry unavailable: {exc}"
-            ) from None
-        self._backoff = self.BACKOFF_MIN_SECONDS
-        try:
-            parsed: Any = parse_schema(writer)
-            name = str(parsed["name"])
-        except Exception as exc:  # fastavro raises several types on a bad schema
-            why = f"schema id {schema_id} is not a valid Avro record schema: {exc}"
-            self._remember_missing(schema_id, why, now)
-            raise DecodeError("unknown_schema", why) from None
-        kind = _KINDS.get(name)
-        if kind is None:
-            why = f"schema id {schema_id} is {name}, not a modelpulse record"
-            self._remember_missing(schema_id, why, now)
-            raise DecodeError("unknown_schema", why)
-        current = raw_schema(kind)
-        reader = None if writer == current else parsed_schema(kind)
-        found = (int(kind), parsed, reader)
-        self._known[schema_id] = found
-        log.info("schema id %d: %s%s", schema_id, name, "" if reader is None else " (resolved)")
-        return found
-
-    def _fetch(self, schema_id: int) -> dict[str, Any]:
-        assert self._registry is not None
-        for delay in (*self.RETRY_DELAYS, None):
-            self.lookups += 1
-            try:
-                return self._registry.schema(schema_id)
-            except RegistryUnavailable:
-                if delay is None:
-                    raise
-                self._sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _remember_missing(self, schema_id: int, why: str, now: float) -> None:
-        missing = self._missing
-        if len(missing) >= self.NEGATIVE_MAX:
-            for sid in [s for s, (expires, _w) in missing.items() if expires <= now]:
-                del missing[sid]
-            while len(missing) >= self.NEGATIVE_MAX:
-                del missing[next(iter(missing))]  # the oldest entry
-        missing.pop(schema_id, None)
-        missing[schema_id] = (now + self.NEGATIVE_TTL_SECONDS, why)
-        log.warning(
-            "dead-lettering schema id %d for %.0fs: %s", schema_id, self.NEGATIVE_TTL_SECONDS, why
-        )
-
-    def read(self, value: bytes | None) -> tuple[int, dict[str, Any]]:
-        """Unframe and decode one message value into (kind, record)."""
-        if value is None or len(value) < HEADER.size:
-            raise DecodeError("truncated", "shorter than the 5-byte Confluent header")
-        magic, schema_id = HEADER.unpack_from(value)
-        if magic != MAGIC_BYTE:
-            raise DecodeError("bad_magic", f"magic byte {magic}, expected 0")
-        kind, writer, reader = self.resolve(schema_id)
-        buf = io.BytesIO(value)
-        buf.seek(HEADER.size)
-        try:
-            record = schemaless_reader(buf, writer, reader)
-        except SchemaResolutionError as exc:
-            raise DecodeError(
-                "incompatible_schema",
-                f"schema id {schema_id} cannot be read as the current {writer['name']}: {exc}",
-            ) from None
-        except Exception as exc:  # fastavro raises many types on garbage
-            raise DecodeError(
-                "undecodable", f"schema id {schema_id}: {type(exc).__name__}: {exc}"
-            ) from None
-        if buf.tell() != len(value):
-            raise DecodeError(
-                "undecodable", f"schema id {schema_id}: {len(value) - buf.tell()} trailing bytes"
-            )
-        if not isinstance(record, dict):
-            raise DecodeError("undecodable", "not a record")
-        return kind, record

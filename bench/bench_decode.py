@@ -5,7 +5,7 @@ values into a ``RowChunk``, the step that dominates the per-event aggregator pat
 
 * ``per-record``: ``SchemaResolver.read`` (fastavro ``schemaless_reader``) and
   ``EventChunkBuilder.add`` per message, then ``build()`` (what the shard does today);
-* ``bulk``: ``EventDecoder.decode`` on the same values (``aggregator/bulk_decode.py``).
+* ``bulk``: ``EventDecoder.decode`` on the same values (``aggregator/bulk/``).
 
 The events are ``bench_aggregator.py``'s stream (3 classifiers with labels on 70 % of
 rows and a score, 1 regressor, one feature each, 2 % error/timeout), plus a 36-char
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _util import machine_line, pin_to_core
 from bench_aggregator import slices
 
-from aggregator.bulk_decode import (
+from aggregator.bulk import (
     EventDecoder,
     EventDecodeResult,
     decode_events_per_record,

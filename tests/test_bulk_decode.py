@@ -22,7 +22,7 @@ from fastavro import parse_schema, schemaless_writer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.bulk_decode import (
+from aggregator.bulk import (
     MIN_BULK,
     EventDecoder,
     EventDecodeResult,

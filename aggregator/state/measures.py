@@ -9,18 +9,8 @@ binning (``bin``), window sums (``WindowAggregate``), snapshots and their digest
 sizes the catalog (``lines``) and, for simple measures, the exported family
 (``gauge``: a windowed mean, rendered by ``aggregator.metrics`` without new code).
 
-Adding a measure is one row in ``MEASURES`` and one bin function, e.g. a log loss::
-
-    def _log_loss(r: Rows) -> Bin:
-        sel = r.cal  # labelled classifications with a score
-        p = np.where(r.correct[sel], r.score0[sel], 1.0 - r.score0[sel])
-        return Bin(rows=sel, weights=-np.log(np.clip(p, 1e-15, 1.0)))
-
-    Measure("log_loss", _scalar, F8, _log_loss, lines=(0, 1),
-            gauge=Mean("model_log_loss", "Mean log loss ...", over="cal",
-                       task="classification")),
-
-(that is the row the table has: ``git show`` the commit that added it for the diff).
+Adding a measure is one row in ``MEASURES`` and one bin function: ``log_loss`` below
+is the example (docs/architecture.md, "Adding a window measure", has its diff).
 
 A snapshot taken before the row existed then has another digest and takes the
 config-changed path (``ConfigMismatch``: refuse, or ``--rebuild-state``).
@@ -28,9 +18,7 @@ config-changed path (``ConfigMismatch``: refuse, or ``--rebuild-state``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 
@@ -43,6 +31,7 @@ from aggregator.state.config import (
     SEGMENT_ROLES,
     StateConfig,
 )
+from aggregator.state.measure import Bin, Mean, Measure
 from aggregator.state.rows import Rows
 
 __all__ = [
@@ -60,56 +49,6 @@ __all__ = [
 I8: Final = np.int64
 _DELAY_EDGES: Final = np.asarray(LABEL_DELAY_BOUNDS, dtype=np.float64)
 F8: Final = np.float64
-Task = Literal["classification", "regression"]
-
-
-@dataclass(frozen=True, slots=True)
-class Bin:
-    """Where the rows of a batch go in one measure.
-
-    ``rows`` selects (bool mask) or repeats (index array) rows of the batch, default
-    all; ``inner`` is the flat index inside the measure's tail for those rows (default
-    0: a scalar); ``weights`` are summed instead of counting, ``mask`` counts only where
-    set (a 0/1 weight: cheaper than a selection when it is random, and exact).
-    """
-
-    rows: np.ndarray | None = None
-    inner: np.ndarray | None = None
-    weights: np.ndarray | None = None
-    mask: np.ndarray | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Mean:
-    """A windowed gauge: this measure's window sum over the total of ``over`` (a count).
-
-    Rendered for every model version of ``task`` (None: all) whose ``over`` sum is > 0.
-    """
-
-    family: str
-    help: str
-    over: str
-    task: Task | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Measure:
-    """One array of the state (see the module docstring)."""
-
-    name: str
-    tail: Callable[[StateConfig], tuple[int, ...]]
-    dtype: type
-    bin: Callable[[Rows], Bin | None]
-    windowed: bool = True  # False: cumulative + open panes only (windows are increase())
-    drift: bool = False  # a reference distribution of it is kept (drift scores)
-    # Which rows are binned into it: predictions as they are ingested, and/or labels
-    # joined later to a pending prediction (``aggregator.join``), in the pane of the
-    # label's time: so quality counts labels the moment they become known.
-    predictions: bool = True
-    joined: bool = False
-    # Worst-case sample lines per model version: (cumulative families, per window).
-    lines: tuple[int, int] | Callable[[StateConfig], tuple[int, int]] = (0, 0)
-    gauge: Mean | None = None
 
 
 # -- bin functions (one per measure; the sums must stay exactly these expressions) --
