@@ -116,3 +116,24 @@ def test_readme_uses_only_names_of_the_doors() -> None:
     } <= used, sorted(used)
     outside = sorted(f"{p}.{n}" for p, n in used if n not in DOORS[p])
     assert not outside, f"README.md uses names missing from __all__: {outside}"
+
+
+def test_every_subpackage_ships_in_the_distribution() -> None:
+    """pyproject's package list finds every package directory (a subpackage left out
+    would be missing from ``pip install .`` and the Docker image, not from the tests)."""
+    import tomllib
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())
+    include = conf["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = set(find_packages(str(root), include=include))
+    wanted = {
+        ".".join(p.parent.relative_to(root).parts)
+        for top in ("producer", "aggregator", "schemas")
+        for p in (root / top).rglob("__init__.py")
+    }
+    assert wanted <= shipped, sorted(wanted - shipped)
+    assert {"aggregator.state", "aggregator.join", "aggregator.bulk"} <= shipped
