@@ -113,8 +113,9 @@ class Routed:
 class Decoders:
     """The schema resolver, the bulk event decoder, and which ids are events."""
 
-    def __init__(self, resolver: SchemaResolver) -> None:
+    def __init__(self, resolver: SchemaResolver, *, ids: bool = True) -> None:
         self.resolver = resolver
+        self.ids = ids  # keep event id hashes of envelopes (only the label join reads them)
         self.events = EventDecoder(resolver)
         self._event_ids: dict[int, bool] = {}  # schema id -> is a PredictionEvent schema
 
@@ -244,7 +245,7 @@ def route(
                 if len(builder):
                     items.append(builder.build())
                 if kind == SchemaId.PREDICTION_BATCH:
-                    chunk = decode_batch(rec, off, max_rows_per_envelope)
+                    chunk = decode_batch(rec, off, max_rows_per_envelope, ids=decoders.ids)
                     items.append(chunk)
                     rows += len(chunk)
                 elif kind == SchemaId.RESOURCE_HEARTBEAT:

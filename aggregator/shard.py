@@ -103,7 +103,7 @@ class Shard:
         self.settings = s = settings
         self.config = s.state_config()
         self.resolver = SchemaResolver(s.schema_registry())
-        self._decoders = Decoders(self.resolver)
+        self._decoders = Decoders(self.resolver, ids=self.config.join is not None)
         # Each input topic and its handler; a second one (e.g. the label feedback of
         # issue 9) is one more entry here (docs/architecture.md).
         self.inputs = {

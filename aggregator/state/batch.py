@@ -39,6 +39,7 @@ class Batch:
         name_limit: int,
         message_offsets: np.ndarray,
         message_timestamps_ms: np.ndarray,
+        keep_ids: bool = True,
     ) -> Batch | None:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("t", "lat", "out", "score", "off")}
         chunks: list[tuple[int, RowChunk]] = []
@@ -81,7 +82,8 @@ class Batch:
         pv = np.full(base, np.nan)
         lv = np.full(base, np.nan)
         has_cls = np.zeros(base, dtype=bool)
-        id_hash = np.zeros(base, dtype=np.uint64)  # event id hash, 0 = none
+        # Event id hashes, 0 = none; only a state that joins late labels reads them.
+        id_hash = np.zeros(base if keep_ids else 0, dtype=np.uint64)
         ts = np.empty(base, dtype=message_timestamps_ms.dtype)
         for b0, chunk in chunks:
             n = len(chunk)
@@ -94,7 +96,7 @@ class Batch:
                 lv[part] = chunk.label_value
             if chunk.pred_code.size:
                 has_cls[part] = (chunk.pred_code >= 0) | (chunk.label_code >= 0)
-            if chunk.event_hash.size:
+            if keep_ids and chunk.event_hash.size:
                 id_hash[part] = chunk.event_hash
             off = chunk.offset
             if off[0] == off[-1] and bool((off == off[0]).all()):

@@ -88,11 +88,11 @@ def _pred_class(r: Rows) -> Bin:
 
 
 def _est(r: Rows) -> Bin:
-    return Bin(mask=r.has_pred & r.has_score)
+    return Bin(mask=r.scored)
 
 
 def _est_sum(r: Rows) -> Bin:
-    return Bin(weights=r.score0 * (r.has_pred & r.has_score))
+    return Bin(weights=r.score0 * r.scored)
 
 
 def _cal(r: Rows) -> Bin:
@@ -110,8 +110,12 @@ def _brier(r: Rows) -> Bin:
 def _log_loss(r: Rows) -> Bin:
     """-log of the probability given to what happened (right or wrong), per scored row."""
     sel = r.cal
-    p = np.where(r.correct[sel], r.score0[sel], 1.0 - r.score0[sel])
-    return Bin(rows=sel, weights=-np.log(np.clip(p, 1e-15, 1.0)))
+    score = r.score0[sel]
+    p = np.where(r.correct[sel], score, 1.0 - score)
+    np.maximum(p, 1e-15, out=p)  # scores are in [0, 1]: only the floor can bind
+    np.log(p, out=p)
+    np.negative(p, out=p)
+    return Bin(rows=sel, weights=p)
 
 
 def _joined(r: Rows) -> Bin:

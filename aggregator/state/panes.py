@@ -56,6 +56,7 @@ class PaneStore:
     def __init__(self, config: StateConfig, on_close: Callable[[], None]) -> None:
         self.config = c = config
         self.tails = tails(c)
+        self.widths = {name: int(np.prod(t, dtype=np.int64)) for name, t in self.tails.items()}
         self.capacity = 0
         self.closed = closed_panes(NO_TIME, c.lateness_ms, c.pane_ms)
         self.pane_of_slot = np.full(c.ring, NO_TIME, dtype=np.int64)
@@ -103,7 +104,7 @@ class PaneStore:
         n_cells = len(panes) * m
         sums: dict[str, np.ndarray] = {}
         for measure in JOINED_MEASURES if joined else PREDICTION_MEASURES:
-            found = _bin(measure, rows, self.tails[measure.name], n_cells)
+            found = _bin(measure, rows, self.widths[measure.name], n_cells)
             if found is not None:
                 sums[measure.name] = found.reshape((len(panes), m, *self.tails[measure.name]))
         cfg = self.config
@@ -169,7 +170,7 @@ class PaneStore:
         )
 
 
-def _bin(measure: Measure, rows: Rows, tail: tuple[int, ...], n_cells: int) -> np.ndarray | None:
+def _bin(measure: Measure, rows: Rows, width: int, n_cells: int) -> np.ndarray | None:
     """One ``np.bincount`` of the measure over (pane, model-version, tail) cells."""
     b = measure.bin(rows)
     if b is None:
@@ -177,7 +178,6 @@ def _bin(measure: Measure, rows: Rows, tail: tuple[int, ...], n_cells: int) -> n
     um = rows.um if b.rows is None else rows.um[b.rows]
     if not um.size:
         return None
-    width = int(np.prod(tail, dtype=np.int64))
     idx = um * width if width > 1 else um
     if b.inner is not None:
         idx = idx + b.inner

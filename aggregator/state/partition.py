@@ -171,7 +171,9 @@ class PartitionState:
         self, items: list[Item], message_offsets: np.ndarray, message_timestamps_ms: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Validate, then intern only what is accepted, then bin (see ``ingest``)."""
-        b = Batch.gather(items, self.config.max_name_length, message_offsets, message_timestamps_ms)
+        joins = self.join is not None
+        limit = self.config.max_name_length
+        b = Batch.gather(items, limit, message_offsets, message_timestamps_ms, keep_ids=joins)
         if b is None:
             return np.empty(0, np.int64), np.empty(0, np.int64), 0
         c = b.cols
@@ -199,7 +201,9 @@ class PartitionState:
         if keep.any():
             rows: np.ndarray | slice = slice(None) if keep.all() else np.flatnonzero(keep)
             cols = {"pred": ids.pred, "label": ids.label, "seg": ids.seg, "t": t}
-            cols.update((k, c[k]) for k in ("lat", "out", "score", "pv", "lv", "key"))
+            cols.update((k, c[k]) for k in ("lat", "out", "score", "pv", "lv"))
+            if joins:
+                cols["key"] = c["key"]
             kept = {k: v[rows] for k, v in cols.items()}
             mv = ids.mv[rows]
             feats = kept_features(ids.feats, keep, rows)

@@ -73,6 +73,12 @@ class Rows:
         return self.ok & (self.pred >= 0)
 
     @cached_property
+    def scored(self) -> np.ndarray:
+        """Ok rows with a predicted class and a score, labelled or not."""
+        found: np.ndarray = self.has_pred & self.has_score
+        return found
+
+    @cached_property
     def correct(self) -> np.ndarray:
         found: np.ndarray = self.label == self.pred
         return found
