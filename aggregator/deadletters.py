@@ -20,7 +20,7 @@ from aggregator.errors import AggregatorError
 from aggregator.metrics import ShardHealth
 from aggregator.route import Rejected
 
-__all__ = ["BROKER_DEFAULT_MAX_BYTES", "DeadLetter", "DeadLetters", "Source"]
+__all__ = ["BROKER_DEFAULT_MAX_BYTES", "Coordinates", "DeadLetter", "DeadLetters", "Source"]
 
 log = logging.getLogger("modelpulse.aggregator")
 
@@ -42,6 +42,31 @@ class Source(Protocol):
     def key(self) -> str | bytes | None: ...
 
     def value(self) -> bytes | None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Coordinates:
+    """Where a message is whose value is not at hand (unfetchable, or decided after it
+    left memory): a ``Source`` for a dead letter without a value."""
+
+    topic_: str
+    partition_: int
+    offset_: int
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def key(self) -> None:
+        return None
+
+    def value(self) -> None:
+        return None
 
 
 @dataclasses.dataclass

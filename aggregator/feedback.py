@@ -20,7 +20,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from confluent_kafka import (
@@ -33,7 +32,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from aggregator.deadletters import DeadLetters
+from aggregator.deadletters import Coordinates, DeadLetters
 from aggregator.edge import TopicPartitionKey, close_bounded
 from aggregator.errors import AggregatorError, DecodeError
 from aggregator.join.joiner import LABEL_REASONS
@@ -90,30 +89,6 @@ def ensure_feedback_topic(
             f"the topics must be co-partitioned (same partition count, keyed by model); "
             f"recreate {topic} with {partitions} partitions"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class _Coordinates:
-    """A label decided after its message left memory: its dead letter has no value."""
-
-    topic_: str
-    partition_: int
-    offset_: int
-
-    def topic(self) -> str:
-        return self.topic_
-
-    def partition(self) -> int:
-        return self.partition_
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def key(self) -> None:
-        return None
-
-    def value(self) -> None:
-        return None
 
 
 class Feedback:
@@ -220,7 +195,7 @@ class Feedback:
         for offset, code in zip(offsets.tolist(), reasons.tolist(), strict=True):
             reason = LABEL_REASONS[code]
             m = by_offset.get(offset)
-            source = m if m is not None else _Coordinates(self.topic, p, offset)
+            source = m if m is not None else Coordinates(self.topic, p, offset)
             self._dead_letters.send(source, reason, f"label: {reason}", 1, unreadable=m is None)
 
     def _resume_caught_up(self) -> None:

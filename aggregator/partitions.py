@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import (
@@ -21,7 +20,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from aggregator.deadletters import DeadLetters
+from aggregator.deadletters import Coordinates, DeadLetters
 from aggregator.edge import TopicPartitionKey
 from aggregator.metrics import ShardHealth
 from aggregator.resolver import SchemaResolver
@@ -45,30 +44,6 @@ UNREADABLE = {
     KafkaError._BAD_MSG: "unreadable",
     2: "unreadable",  # CORRUPT_MESSAGE: a broker-side CRC or format error
 }
-
-
-@dataclass(frozen=True)
-class _Unreadable:
-    """Where a message is that could not be fetched (stands in for the Message)."""
-
-    _topic: str
-    _partition: int
-    _offset: int
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> None:
-        return None
-
-    def key(self) -> None:
-        return None
 
 
 class FetchErrors:
@@ -134,7 +109,7 @@ class FetchErrors:
         skip = max(off, state.next_offset)
         detail = f"offset {skip} unreadable after {n} fetches: {err.name()}: {err.str()}"
         log.error("partition %d: dead-lettering offset %d (%s) and moving on", p, skip, reason)
-        self._dead_letters.send(_Unreadable(topic, p, skip), reason, detail, 1, unreadable=True)
+        self._dead_letters.send(Coordinates(topic, p, skip), reason, detail, 1, unreadable=True)
         state.count_rejected(reason)
         state.next_offset = skip + 1
         try:

@@ -147,7 +147,7 @@ def _summary(samples: Any, elapsed: float) -> str:
         unmatched = _value(samples, "modelpulse_unmatched_labels_total") or 0
         lines.append(
             f" late labels of {model}: {joined or 0:.0f} joined, {pending or 0:.0f} pending"
-            f" (waiting up to the 7d time to live), coverage (older than 3m) "
+            f" (waiting up to the 7d time to live), coverage (older than 2m) "
             f"{'-' if coverage is None else format(coverage, '.1%')}, "
             f"{unmatched:.0f} unmatched (all models)"
         )
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--feedback-topic",
                 FEEDBACK,
                 "--label-coverage-age",
-                "3m",  # fraud-detector's labels come 90 s late
+                "2m",  # fraud-detector's labels come 90 s late
                 "--label-models",
                 "fraud-detector",  # the only model whose labels come later
             ],
