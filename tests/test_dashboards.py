@@ -625,9 +625,12 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 and len(live.query("modelpulse_dead_lettered_total > 0")) >= 2
                 and len(live.query('modelpulse_dead_lettered_total{reason="late"} > 0')) > 0
                 and len(live.query("modelpulse_folded_total > 0")) > 0
-                # Recorded per-segment ratios: a rule evaluation after a live pane closed.
-                and len(live.query("model_segment:accuracy:ratio5m")) > 0
-                and len(live.query("model_segment:mae:ratio5m")) > 0
+                # Recorded ratios of the very models the panels are checked with: a rule
+                # evaluation after a live pane closed (any model's is not enough: the
+                # rules run every 5 s, a clean-clone run once caught eta-minutes' late).
+                and len(live.query(f'model_segment:accuracy:ratio5m{{model="{CLASSIFIER}"}}'))
+                and len(live.query(f'model_segment:mae:ratio5m{{model="{REGRESSOR}"}}'))
+                and len(live.query(f'model:correct_predictions:increase1h{{model="{CLASSIFIER}"}}'))
                 # Late labels joined, unmatched ones counted, coverage recorded.
                 and (
                     not joins
