@@ -183,11 +183,15 @@ class Feedback:
                 self._dead_letters.send(m, exc.reason, exc.detail, 1)
         result = state.ingest_labels(builder.build(), msgs[-1].offset() + 1)
         self._letters(p, result.offsets, result.reasons, by_offset)
-        if state.join is not None and len(state.join.early):
-            ahead = int(np.max(state.join.early.entries()["label_time_ms"]))
-            if ahead > state.max_event_ms + state.join.limits.wait_ms:
-                self.consumer.pause([TopicPartition(self.topic, p)])
-                self.paused[p] = time.monotonic() + _MAX_PAUSE_SECONDS
+        join = state.join
+        ahead = None if join is None else join.latest_early_ms()
+        if (
+            join is not None
+            and ahead is not None
+            and ahead > state.max_event_ms + join.limits.wait_ms
+        ):
+            self.consumer.pause([TopicPartition(self.topic, p)])
+            self.paused[p] = time.monotonic() + _MAX_PAUSE_SECONDS
 
     def _letters(
         self, p: int, offsets: np.ndarray, reasons: np.ndarray, by_offset: Mapping[int, Message]
@@ -204,10 +208,7 @@ class Feedback:
         now = time.monotonic()
         for p, until in list(self.paused.items()):
             state = self._states.get(TopicPartitionKey(self._input, p))
-            join = None if state is None else state.join
-            ahead = None
-            if state is not None and join is not None and len(join.early):
-                ahead = int(np.max(join.early.entries()["label_time_ms"]))
+            ahead = None if state is None or state.join is None else state.join.latest_early_ms()
             if state is None or ahead is None or ahead <= state.max_event_ms or now > until:
                 self.consumer.resume([TopicPartition(self.topic, p)])
                 del self.paused[p]

@@ -125,8 +125,7 @@ class JoinState:
         found, early = self.early.take(key[new])
         if not found.any():
             return None
-        still, pred = self.pending.take(early["key"])  # the cap may have pushed some out
-        self._count("pending", pred["version"], -1)
+        still, pred = self._take_pending(early["key"])  # the cap may have pushed some out
         self.unmatched[EXPIRED] += int((~still).sum())
         labels = self._early_chunk(early).take(still)
         self._joined(labels)
@@ -140,8 +139,7 @@ class JoinState:
         was seen joined or expired. The caller checks model and kind, and calls
         ``unmatch`` for pairs it refuses, before binning."""
         reason = np.full(len(labels), -1, dtype=np.int64)
-        found, pred = self.pending.take(labels.key)
-        self._count("pending", pred["version"], -1)
+        found, pred = self._take_pending(labels.key)
         ok = labels.take(found)
         self._joined(ok)  # first, so a repeat later in this batch is a duplicate
         miss = np.flatnonzero(~found)
@@ -155,6 +153,18 @@ class JoinState:
             if wait.size:
                 reason[wait[self._wait(labels.take(wait))]] = DUPLICATE
         return Matched(pred, ok), reason
+
+    def _take_pending(self, keys: np.ndarray) -> tuple[np.ndarray, Columns]:
+        """``pending.take`` with the per model version count kept in step."""
+        found, pred = self.pending.take(keys)
+        self._count("pending", pred["version"], -1)
+        return found, pred
+
+    def latest_early_ms(self) -> int | None:
+        """Label time of the latest label waiting for its prediction (None: none waits)."""
+        if not len(self.early):
+            return None
+        return int(np.max(self.early.entries()["label_time_ms"]))
 
     def _joined(self, labels: LabelChunk) -> None:
         self.seen.insert(

@@ -215,8 +215,8 @@ def _scalar(_c: StateConfig) -> tuple[int, ...]:
     return ()
 
 
-def _hist_lines(bounds: tuple[float, ...]) -> tuple[int, int]:
-    return len(bounds) + 3, 0  # buckets + "+Inf", _sum, _count
+def _hist_lines(bounds: tuple[float, ...]) -> int:
+    return len(bounds) + 3  # cumulative lines of a histogram: buckets + "+Inf", _sum, _count
 
 
 def _classes(c: StateConfig) -> int:
@@ -236,7 +236,7 @@ MEASURES: Final[tuple[Measure, ...]] = (
         lambda c: (len(c.latency_bounds) + 1,),
         I8,
         _lat,
-        lines=lambda c: (_hist_lines(c.latency_bounds)[0], 3),  # + 3 latency quantiles
+        lines=lambda c: (_hist_lines(c.latency_bounds), 3),  # + 3 latency quantiles
     ),
     Measure("lat_sum", _scalar, F8, _lat_sum),
     Measure(
@@ -245,7 +245,7 @@ MEASURES: Final[tuple[Measure, ...]] = (
         I8,
         _score,
         drift=True,
-        lines=lambda c: (_hist_lines(c.score_bounds)[0], 4),  # + 4 drift methods
+        lines=lambda c: (_hist_lines(c.score_bounds), 4),  # + 4 drift methods
     ),
     Measure("score_sum", _scalar, F8, _score_sum),
     Measure(
@@ -253,7 +253,7 @@ MEASURES: Final[tuple[Measure, ...]] = (
         lambda c: (len(c.error_bounds) + 1,),
         I8,
         _err,
-        lines=lambda c: (_hist_lines(c.error_bounds)[0], 2),  # + MAE, RMSE
+        lines=lambda c: (_hist_lines(c.error_bounds), 2),  # + MAE, RMSE
         joined=True,
     ),
     Measure("err_sum", _scalar, F8, _err_sum, joined=True),
@@ -323,7 +323,7 @@ MEASURES: Final[tuple[Measure, ...]] = (
         _delay,
         predictions=False,
         joined=True,
-        lines=(_hist_lines(LABEL_DELAY_BOUNDS)[0], 0),
+        lines=(_hist_lines(LABEL_DELAY_BOUNDS), 0),
     ),
     Measure("delay_sum", _scalar, F8, _delay_sum, predictions=False, joined=True),
     # Quality per segment: cumulative only (windows are Prometheus' increase() of the

@@ -26,9 +26,16 @@ from aggregator.state.measures import (
 from aggregator.state.rows import Rows
 from aggregator.window import NO_TIME, closed_panes
 
-__all__ = ["PaneStore", "WindowAggregate"]
+__all__ = ["PaneStore", "WindowAggregate", "pane_kind"]
 
 _WINDOWED: Final = tuple(m for m in MEASURES if m.windowed)
+
+
+def pane_kind(measure: Measure) -> str:
+    """Where a measure's per-pane arrays live: the window ring, or only the open panes."""
+    return "ring" if measure.windowed else "open"
+
+
 _OPEN_ONLY: Final = tuple(m for m in MEASURES if not m.windowed)
 
 
@@ -78,9 +85,8 @@ class PaneStore:
             return False
         cap = max(need, 2 * self.capacity)
         for m in MEASURES:
-            slots, store = (
-                (self.config.ring, self.ring) if m.windowed else (self.open_slots, self.open)
-            )
+            slots = self.config.ring if m.windowed else self.open_slots
+            store = self.panes_of(m)
             tail = self.tails[m.name]
             pane: np.ndarray = np.zeros((slots, cap, *tail), dtype=m.dtype)
             cum: np.ndarray = np.zeros((cap, *tail), dtype=m.dtype)
@@ -90,6 +96,10 @@ class PaneStore:
             store[m.name], self.cum[m.name] = pane, cum
         self.capacity = cap
         return True
+
+    def panes_of(self, measure: Measure) -> dict[str, np.ndarray]:
+        """The per-pane arrays a measure lives in (``pane_kind``)."""
+        return self.ring if measure.windowed else self.open
 
     @property
     def window_end_ms(self) -> int:

@@ -24,6 +24,7 @@ from aggregator.join.pending import PendingStore
 from aggregator.state.config import StateConfig
 from aggregator.state.drift import DRIFT_MEASURES
 from aggregator.state.measures import MEASURES
+from aggregator.state.panes import pane_kind
 
 if TYPE_CHECKING:
     from aggregator.state.partition import PartitionState
@@ -37,7 +38,7 @@ _LAYOUT = ("pane_of_slot", "slot_closed", "has_reference", "pane_of_open", "open
 def _array_names() -> set[str]:
     names = set(_LAYOUT)
     for m in MEASURES:
-        names |= {f"{'ring' if m.windowed else 'open'}.{m.name}", f"cum.{m.name}"}
+        names |= {f"{pane_kind(m)}.{m.name}", f"cum.{m.name}"}
     return names | {f"ref.{name}" for name in DRIFT_MEASURES}
 
 
@@ -65,8 +66,8 @@ def snapshot(state: PartitionState, chunks: Sequence[Sequence[bytes]] = ()) -> b
         "open_closed": panes.open_closed,
     }
     for measure in MEASURES:
-        store, kind = (panes.ring, "ring") if measure.windowed else (panes.open, "open")
-        arrays[f"{kind}.{measure.name}"] = store[measure.name][:, :m]
+        kind = pane_kind(measure)
+        arrays[f"{kind}.{measure.name}"] = panes.panes_of(measure)[measure.name][:, :m]
         arrays["cum." + measure.name] = panes.cum[measure.name][:m]
     for name, arr in state.drift.arrays.items():
         arrays["ref." + name] = arr[:m]
@@ -118,8 +119,8 @@ def restore(data: bytes, state: PartitionState, chunks: Sequence[bytes] = ()) ->
         panes.open_closed = z["open_closed"].copy()
         state.drift.has[:m] = z["has_reference"]
         for measure in MEASURES:
-            store, kind = (panes.ring, "ring") if measure.windowed else (panes.open, "open")
-            store[measure.name][:, :m] = z[f"{kind}.{measure.name}"]
+            kind = pane_kind(measure)
+            panes.panes_of(measure)[measure.name][:, :m] = z[f"{kind}.{measure.name}"]
             panes.cum[measure.name][:m] = z["cum." + measure.name]
         for name, arr in state.drift.arrays.items():
             arr[:m] = z["ref." + name]
