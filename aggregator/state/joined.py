@@ -18,6 +18,7 @@ from aggregator.catalog import OVERFLOW
 from aggregator.join.joiner import INVALID, KIND_MISMATCH, MODEL_MISMATCH, JoinState, Matched
 from aggregator.join.labels import LabelChunk
 from aggregator.join.pending import Columns
+from aggregator.state.intern import Interner
 from aggregator.state.rows import Rows
 
 if TYPE_CHECKING:
@@ -100,15 +101,10 @@ def bin_matched(state: PartitionState, matched: Matched) -> np.ndarray:
     if not good.size:
         return reason
     mv_g = mv[good]
-    label = np.full(good.size, -1, dtype=np.int64)
-    cls = labels.label_code[good] >= 0
-    if cls.any():
-        pairs = mv_g[cls] * len(names) + labels.label_code[good][cls]
-        uniq, inverse = np.unique(pairs, return_inverse=True)
-        ids = [
-            state.catalog.class_id(p // len(names), names[p % len(names)]) for p in uniq.tolist()
-        ]
-        label[cls] = np.asarray(ids, dtype=np.int64)[inverse]
+    codes = labels.label_code[good].astype(np.int64)
+    cls = codes >= 0
+    # Class names new to a version are interned in log order, as for inline labels.
+    label = Interner(state.catalog, state.grow).remap(codes, mv_g, names, cls, "classes")
     predicted = pred["predicted"][good]
     t_pred = pred["event_time_ms"][good]
     t_label = labels.label_time_ms[good]
